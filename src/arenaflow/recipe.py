@@ -1,0 +1,225 @@
+"""Experiment recipes: YAML files under experiments/ parsed into typed dataclasses.
+
+A recipe has one section per pipeline stage. `load_recipe(path, overrides)` reads the YAML, applies
+`section.key=value` overrides (CLI `--set` / MLproject `-P`), and checks every key and type, so a
+typo fails loudly instead of silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe file or override that does not match the dataclasses below."""
+
+
+@dataclass
+class DataConfig:
+    files: list[str] = field(default_factory=lambda: ["data/mtbench_human_turn1.csv"])
+    valid_fraction: float = 0.2
+    group_column: str | None = None  # None: group by prompt text
+    swap_augment: bool = True
+    max_rows: int | None = None  # user-asked subsample before splitting; None keeps every row
+    seed: int = 42
+
+
+@dataclass
+class ModelConfig:
+    base: str = "gguf:smollm2-135m-instruct"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class PromptConfig:
+    max_length: int = 512
+    prompt_share: float = 0.2  # share of the content budget for the prompt; responses split the rest
+    head_share: float = 0.3  # share of a truncated part kept from its head; the rest is its tail
+
+
+@dataclass
+class TrainConfig:
+    load_in_4bit: bool = True
+    bnb_4bit_compute_dtype: str = "float32"
+    head: str = "lm"  # "lm": answer-token loss on the LM head; "classifier": 3-way head
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: str = "all-linear"
+    epochs: float = 1.0
+    learning_rate: float = 2e-4
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 4
+    gradient_checkpointing: bool = False
+    max_train_rows: int | None = None  # None: every training row
+    max_valid_rows: int | None = None  # None: every validation row
+    warmup_ratio: float = 0.05
+    seed: int = 42
+
+
+@dataclass
+class QuantConfig:
+    scheme: str = "W4A16"  # W4A16 (AWQ), W8A16 (AWQ), or "none"
+    method: str = "awq"  # awq (llm-compressor) or rtn; "autoawq" is refused with the reason
+    group_size: int = 64
+    merge_dtype: str = "float32"
+    calibration_rows: int = 64
+    calibration_max_length: int = 512
+
+
+@dataclass
+class EngineConfig:
+    backend: str = "vllm"  # vllm (logprobs), vllm-classify (pooling), transformers
+    dtype: str = "auto"
+    max_model_len: int | None = None  # None: prompt.max_length + 8
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1  # independent engines, one per GPU, each on a shard of the rows
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = True
+    max_num_batched_tokens: int | None = None
+    cpu_kv_cache_gib: float = 1.0
+    swap_tta: bool = False
+    batch_tokens: int = 16384  # transformers backend: tokens per length-sorted batch
+    shard_rows: int = 256  # rows per resumable shard in infer
+
+
+@dataclass
+class RegistryConfig:
+    model_name: str = "arenaflow"
+    alias: str = "champion"
+
+
+@dataclass
+class Recipe:
+    name: str = "cpu-smollm2"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    path: str | None = None  # where it was loaded from (not a recipe key)
+
+
+def _coerce(value, tp, where: str):
+    """Check/convert a YAML value to the annotated type `tp`, naming `where` on failure."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null", "") and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, where)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise RecipeError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise RecipeError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise RecipeError(f"{where}: expected {tp.__name__}, got {value!r}")
+        try:
+            converted = tp(value)
+        except (TypeError, ValueError):
+            raise RecipeError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and converted != value:
+            raise RecipeError(f"{where}: expected an integer, got {value!r}")
+        return converted
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise RecipeError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise RecipeError(f"{where}: unsupported type {tp}")
+
+
+def _build(cls, values: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "path"}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {}
+    for name, value in values.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise RecipeError(f"{where}.{name}: expected a mapping, got {value!r}")
+            kwargs[name] = _build(tp, value, f"{where}.{name}")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str] | None) -> dict:
+    """`["train.epochs=2", "data.files=a.csv,b.csv"]` -> nested dict of raw strings."""
+    nested: dict = {}
+    for item in overrides or []:
+        for part in filter(None, (p.strip() for p in item.split(" "))):
+            key, sep, value = part.partition("=")
+            if not sep or not key:
+                raise RecipeError(f"override {part!r}: expected section.key=value")
+            *sections, leaf = key.split(".")
+            node = nested
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[leaf] = value
+    return nested
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Load a YAML recipe (or the built-in defaults when `path` is None) and apply overrides."""
+    raw: dict = {}
+    where = "recipe"
+    if path:
+        where = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise RecipeError(f"recipe file not found: {path}") from None
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{path}: a recipe is a mapping of sections")
+    recipe = _build(Recipe, _merge(raw, parse_overrides(overrides)), where)
+    recipe.path = str(path) if path else None
+    return recipe
+
+
+def flatten(recipe: Recipe) -> dict[str, object]:
+    """`{"train.epochs": 1.0, ...}` for mlflow.log_params (lists joined by commas)."""
+    flat: dict[str, object] = {}
+    for f in dataclasses.fields(recipe):
+        value = getattr(recipe, f.name)
+        if dataclasses.is_dataclass(value):
+            for sub in dataclasses.fields(value):
+                v = getattr(value, sub.name)
+                flat[f"{f.name}.{sub.name}"] = ",".join(map(str, v)) if isinstance(v, list) else v
+        elif f.name != "path":
+            flat[f.name] = value
+    return flat
