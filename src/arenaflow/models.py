@@ -58,6 +58,21 @@ def _gguf_file(name: str) -> Path:
     return matching[0]
 
 
+def _save_atomically(model, tokenizer, out: Path) -> None:
+    """Save to a private temp dir, then rename: a killed or concurrent build never leaves half a checkpoint."""
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first: theirs is as good as ours
+        shutil.rmtree(tmp)
+
+
 def _convert_gguf(name: str) -> Path:
     out = cache_dir() / "models" / name
     if (out / "config.json").exists():
@@ -68,14 +83,13 @@ def _convert_gguf(name: str) -> Path:
     gguf = _gguf_file(name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # The dequantized weights are plain tensors now; keeping the GGUF quantization_config would make
-    # the saved checkpoint claim a quantization it no longer has.
+    # The dequantized weights are plain tensors now; keeping the GGUF quantizer/config would make
+    # save_pretrained refuse and the saved checkpoint claim a quantization it no longer has.
+    model.hf_quantizer = None
+    model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)  # atomic: a killed conversion never leaves a half checkpoint at `out`
+    _save_atomically(model, tokenizer, out)
     return out
 
 
@@ -98,10 +112,7 @@ def build_tiny_llama(out: Path, tokenizer_from: Path | None = None, seed: int = 
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.float32)
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)
+    _save_atomically(model, tokenizer, out)
     return out
 
 
