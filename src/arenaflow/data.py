@@ -71,10 +71,14 @@ def read_table(path: str | Path) -> pd.DataFrame:
             frame = _read_jsonl(path)
         else:
             raise DataError(f"{path}: unsupported file type {suffix!r} (csv, parquet, jsonl)")
-    except UnicodeDecodeError as err:
+    except UnicodeDecodeError:
         raw = path.read_bytes()
-        line = raw[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}, line {line}: not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start})") from None
+        try:  # pandas reports offsets within a chunk: decode the whole file to locate the byte
+            raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = raw[: err.start].count(b"\n") + 1
+            raise DataError(f"{path}, line {line}: not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start})") from None
+        raise
     except pd.errors.ParserError as err:
         raise DataError(f"{path}: malformed CSV ({err})") from None
     except pd.errors.EmptyDataError:
@@ -130,7 +134,7 @@ def canonicalize(frame: pd.DataFrame, path: Path, group_column: str | None = Non
     duplicated = ids[ids.duplicated(keep=False)]
     if not duplicated.empty:
         first = duplicated.iloc[0]
-        rows = [i + 1 for i in np.flatnonzero(ids.to_numpy() == first)]
+        rows = [int(i) + 1 for i in np.flatnonzero(ids.to_numpy() == first)]
         raise DataError(f"{path}: duplicate id {first!r} in rows {rows} (column 'id')")
 
     out = frame.copy()

@@ -1,0 +1,53 @@
+import json
+
+import pytest
+
+from arenaflow.models import ModelError, label_token_ids, load_tokenizer, resolve_model
+
+
+def test_smollm2_resolves_to_a_plain_safetensors_checkpoint():
+    checkpoint = resolve_model("gguf:smollm2-135m-instruct")
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert "quantization_config" not in config  # the GGUF quantizer is gone
+    assert (checkpoint / "model.safetensors").exists()
+    assert resolve_model("gguf:smollm2-135m-instruct") == checkpoint  # converted once, cached
+
+
+def test_label_words_are_single_distinct_tokens():
+    tokenizer = load_tokenizer(resolve_model("tiny:llama"))
+    ids = label_token_ids(tokenizer)
+    assert [tokenizer.decode([i]) for i in ids] == ["A", "B", "tie"]
+
+
+def test_tiny_llama_is_small_and_loadable():
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny:llama"))
+    assert sum(p.numel() for p in model.parameters()) < 10_000_000
+    assert model.config.head_dim == 32
+
+
+def test_tokenizer_that_splits_labels_is_rejected():
+    class SplittingTokenizer:
+        name_or_path = "toy"
+
+        def encode(self, text, add_special_tokens=False):
+            return [1, 2] if text == "tie" else [ord(text)]
+
+    with pytest.raises(ModelError, match="encodes 'tie' as 2 tokens"):
+        label_token_ids(SplittingTokenizer())
+
+
+@pytest.mark.parametrize("reference, message", [
+    ("gguf:unknown-model", "unknown GGUF model"),
+    ("./no/such/dir", "not a local checkpoint"),
+    ("", "empty model reference"),
+])
+def test_bad_references(reference, message):
+    with pytest.raises(ModelError, match=message):
+        resolve_model(reference)
+
+
+def test_directory_without_config_is_rejected(tmp_path):
+    with pytest.raises(ModelError, match="without config.json"):
+        resolve_model(str(tmp_path))
