@@ -31,13 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     from . import pipeline
     from .data import DataError
     from .models import ModelError
+    from .prompts import PromptError
+    from .registry import RegistryError
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         handler = getattr(pipeline, args.verb)
         kwargs = {k: v for k, v in vars(args).items() if k not in ("verb", "recipe", "overrides")}
         handler(recipe, **kwargs)
-    except (RecipeError, DataError, ModelError, FileNotFoundError) as err:
+    except (RecipeError, DataError, ModelError, PromptError, RegistryError, FileNotFoundError) as err:
         print(f"arenaflow {args.verb}: error: {err}", file=sys.stderr)
         return 2
     return 0

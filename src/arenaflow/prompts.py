@@ -9,6 +9,7 @@ exactly and never exceeds `max_length`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from .models import label_token_ids
@@ -65,9 +66,10 @@ class PromptBuilder:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    @functools.lru_cache(maxsize=256)
     def _header(self, name: str, turn: int, turns: int) -> list[int]:
         label = f"{name} (turn {turn + 1})" if turns > 1 else name
-        return self._ids(f"\n## {label}\n")
+        return tuple(self._ids(f"\n## {label}\n"))
 
     def _truncate(self, ids: list[int], keep: int) -> list[int]:
         """Keep `keep` tokens: a head share, the marker, then the tail (the tail matters most)."""
@@ -82,10 +84,13 @@ class PromptBuilder:
     def build(self, prompt: Sequence[str | None], response_a: Sequence[str | None],
               response_b: Sequence[str | None]) -> list[int]:
         """Token ids for one row; len(result) <= config.max_length, guaranteed."""
-        parts = [list(prompt), list(response_a), list(response_b)]
+        return self._assemble([[self._ids(t) if t else None for t in part] for part in (prompt, response_a, response_b)])
+
+    def _assemble(self, parts: list[list[list[int] | None]]) -> list[int]:
+        """Per-turn token ids of prompt / response A / response B (None = empty turn) -> row ids."""
         turns = max(len(p) for p in parts) or 1
-        for part in parts:
-            part.extend([None] * (turns - len(part)))
+        ids = [[t if t is not None else self.empty for t in part] + [self.empty] * (turns - len(part))
+               for part in parts]
         names = ("Prompt", "Response A", "Response B")
         headers = [[self._header(n, t, turns) for t in range(turns)] for n in names]
         fixed = len(self.prefix) + len(self.suffix) + len(self.instruction)
@@ -96,8 +101,6 @@ class PromptBuilder:
                 f"max_length={self.config.max_length} leaves {content_budget} tokens for content "
                 f"after the template and headers ({fixed} tokens, {turns} turns)"
             )
-        texts = [[t if t else None for t in part] for part in parts]
-        ids = [[self._ids(t) if t is not None else self.empty for t in part] for part in texts]
         totals = [sum(map(len, part)) for part in ids]
         # The prompt gets its share (more if the responses are short); responses split the rest.
         prompt_room = max(int(content_budget * self.config.prompt_share), content_budget - totals[1] - totals[2])
@@ -110,10 +113,15 @@ class PromptBuilder:
         body = list(self.instruction)
         for t in range(turns):
             for p in range(3):
-                body += headers[p][t] + kept[p][t]
+                body += [*headers[p][t], *kept[p][t]]
         return self.prefix + body + self.suffix
 
     def build_rows(self, rows, swap: bool = False) -> list[list[int]]:
         """Token ids for each row of a canonical table (see data.py); `swap` exchanges A and B."""
         a, b = ("response_b", "response_a") if swap else ("response_a", "response_b")
-        return [self.build(p, ra, rb) for p, ra, rb in zip(rows["prompt"], rows[a], rows[b])]
+        columns = [list(rows["prompt"]), list(rows[a]), list(rows[b])]
+        texts = sorted({t for column in columns for turns in column for t in turns if t})
+        # One batched call: fast tokenizers encode in parallel, and each distinct text only once.
+        encoded = dict(zip(texts, self.tokenizer(texts, add_special_tokens=False)["input_ids"])) if texts else {}
+        return [self._assemble([[encoded[t] if t else None for t in turns] for turns in row])
+                for row in zip(*columns)]

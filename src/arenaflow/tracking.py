@@ -12,19 +12,7 @@ import pandas as pd
 
 from .data import TEXT_COLUMNS
 from .recipe import Recipe, flatten
-
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-
-
-def setup_tracking() -> str:
-    """Use MLFLOW_TRACKING_URI when set, else `sqlite:///mlflow.db` in the working directory."""
-    import mlflow
-
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
-    return uri
-
+from .registry import setup_tracking
 
 def git_commit() -> str:
     try:
