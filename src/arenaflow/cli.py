@@ -23,6 +23,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("datagen", help="ingest labelled files -> train/valid parquet (MLflow dataset)")
     _common(p)
     p.add_argument("--input", default="", help="one file (csv/parquet/jsonl) instead of the recipe's data.files")
+
+    p = verbs.add_parser("evaluate", help="score labelled rows; log log_loss, plots, predictions")
+    _common(p)
+    p.add_argument("--input", default="", help="labelled file, or datagen output (runs:/<id>/data); default: the recipe's valid split")
+    p.add_argument("--model", default="", help="checkpoint dir, runs:/, models:/name@alias, gguf:…, hub id; default: the champion")
+
+    p = verbs.add_parser("promote", help="move the champion alias to a better version")
+    _common(p)
+    p.add_argument("--version", default="latest", help="candidate version number (default: the latest)")
+
+    p = verbs.add_parser("infer", help="Kaggle submission from the champion (resumable)")
+    _common(p)
+    p.add_argument("--input", required=True, help="rows to score (csv/parquet/jsonl, Kaggle columns)")
+    p.add_argument("--output", default="submission.csv", help="submission CSV to write")
+    p.add_argument("--model", default="", help="default: models:/<registry.model_name>@<registry.alias>")
     return parser
 
 
@@ -33,13 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     from .models import ModelError
     from .prompts import PromptError
     from .registry import RegistryError
+    from .scoring import ScoringError
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         handler = getattr(pipeline, args.verb)
         kwargs = {k: v for k, v in vars(args).items() if k not in ("verb", "recipe", "overrides")}
         handler(recipe, **kwargs)
-    except (RecipeError, DataError, ModelError, PromptError, RegistryError, FileNotFoundError) as err:
+    except (RecipeError, DataError, ModelError, PromptError, RegistryError, ScoringError, FileNotFoundError) as err:
         print(f"arenaflow {args.verb}: error: {err}", file=sys.stderr)
         return 2
     return 0

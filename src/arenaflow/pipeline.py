@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+
+import pandas as pd
 
 from . import data as data_mod
 from .recipe import Recipe
-from .tracking import log_rows_dataset, stage_run
+from .tracking import fetch_artifacts, log_rows_dataset, stage_run
+
+ROWS_KAGGLE_TEST = 25_000  # the competition's hidden test set: projected times are for this many rows
 
 
 def datagen(recipe: Recipe, input: str = "") -> str:
@@ -34,3 +39,217 @@ def datagen(recipe: Recipe, input: str = "") -> str:
         counts = ", ".join(f"{k}={v}" for k, v in prepared.counts.items())
         print(f"datagen: {counts}; artifacts at runs:/{run.info.run_id}/data")
         return run.info.run_id
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by the stages that score: model references, rows, prompts, probabilities.
+
+@dataclass
+class ModelRef:
+    checkpoint: Path
+    uri: str
+    registered_name: str | None = None
+    version: str | None = None
+
+
+def resolve_model_ref(reference: str, recipe: Recipe) -> ModelRef:
+    """'' -> the recipe's champion; models:/ and runs:/ URIs via the registry; else models.resolve_model."""
+    from . import registry
+    from .models import resolve_model
+
+    uri = reference or f"models:/{recipe.registry.model_name}@{recipe.registry.alias}"
+    if uri.startswith("models:/"):
+        name, alias, version = registry.parse_models_uri(uri)
+        version = registry.alias_version(name, alias) if alias else version
+        checkpoint = registry.resolve_model_uri(f"models:/{name}/{version}" if version else uri)
+        return ModelRef(checkpoint, uri, name, version)
+    if uri.startswith("runs:/"):
+        return ModelRef(registry.resolve_model_uri(uri), uri)
+    return ModelRef(resolve_model(uri), uri)
+
+
+def recipe_split(recipe: Recipe) -> data_mod.Prepared:
+    d = recipe.data
+    return data_mod.prepare(d.files, d.valid_fraction, d.seed, d.swap_augment, d.max_rows, d.group_column)
+
+
+def load_split(data_uri: str, recipe: Recipe) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, valid) from a datagen output (`runs:/<id>/data` or a folder), or split from the recipe."""
+    if not data_uri:
+        prepared = recipe_split(recipe)
+        return prepared.train, prepared.valid
+    folder = fetch_artifacts(data_uri)
+    return data_mod.read_prepared(folder / "train.parquet"), data_mod.read_prepared(folder / "valid.parquet")
+
+
+def subsample(rows: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
+    """At most n rows, chosen reproducibly, kept in input order."""
+    if n is None or n >= len(rows):
+        return rows
+    return rows.sample(n=n, random_state=seed).sort_index()
+
+
+def predict(scorer, builder, rows: pd.DataFrame, swap_tta: bool, progress: bool = True):
+    """N x 3 probabilities for canonical rows (A/B-swap test-time augmentation if asked) + timings."""
+    from .scoring import ScoreResult, swap_average
+
+    prompts = builder.build_rows(rows)
+    if not swap_tta:
+        return scorer.score(prompts, progress=progress)
+    # One call for both orders: the engine batches them together and shares the prompt prefix.
+    both = scorer.score(prompts + builder.build_rows(rows, swap=True), progress=progress)
+    n = len(prompts)
+    return ScoreResult(swap_average(both.probs[:n], both.probs[n:]), both.seconds, both.startup_seconds,
+                       both.prompt_tokens)
+
+
+def open_scorer(checkpoint: Path, recipe: Recipe):
+    """The recipe's engine on a checkpoint; its tokenizer's prompt builder."""
+    from .models import load_tokenizer
+    from .prompts import PromptBuilder
+    from .scoring import Scorer
+
+    builder = PromptBuilder(load_tokenizer(checkpoint, recipe.model.trust_remote_code), recipe.prompt)
+    scorer = Scorer(checkpoint, recipe.engine, max_model_len=recipe.prompt.max_length + 8,
+                    trust_remote_code=recipe.model.trust_remote_code)
+    return scorer, builder
+
+
+def speed_metrics(rows: int, seconds: float, tokens: float, startup_seconds: float) -> dict[str, float]:
+    """Throughput figures under the same names in every run (engine start-up reported apart)."""
+    return {"samples_per_s": rows / seconds, "tokens_per_s": tokens / seconds, "wall_seconds": seconds,
+            "startup_seconds": startup_seconds, "projected_hours_25k_rows": ROWS_KAGGLE_TEST * seconds / rows / 3600}
+
+
+def evaluation_rows(recipe: Recipe, input: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train rows for the length baseline, labelled rows to score) for evaluate's `input`."""
+    if input.startswith("runs:/") or (input and Path(input).is_dir()):
+        train, valid = load_split(input, recipe)
+    else:
+        prepared = recipe_split(recipe)
+        train, valid = prepared.train, data_mod.read_prepared(input) if input else prepared.valid
+    rows = subsample(valid, recipe.train.max_valid_rows, recipe.data.seed)
+    if (rows["label"] < 0).any():
+        raise data_mod.DataError(f"{input or 'valid split'}: evaluate needs labelled rows (winner_* columns)")
+    return train, rows
+
+
+def evaluate(recipe: Recipe, input: str = "", model: str = "") -> dict[str, float]:
+    """Score labelled rows with a model; log log_loss & co, plots, predictions; tag a registry version."""
+    import mlflow
+
+    from . import registry
+    from .metrics import class_prior_log_loss, length_baseline_probs, preference_metrics, save_plots
+
+    ref = resolve_model_ref(model, recipe)
+    train, rows = evaluation_rows(recipe, input)
+    labels = rows["label"].to_numpy()
+    with stage_run(recipe, "evaluate", model=ref.uri) as run:
+        digest = log_rows_dataset(rows, source=input or "recipe valid split", name="eval", context="evaluation")
+        scorer, builder = open_scorer(ref.checkpoint, recipe)
+        with scorer:
+            result = predict(scorer, builder, rows, recipe.engine.swap_tta)
+        figures = preference_metrics(result.probs, labels)
+        figures["length_baseline_log_loss"] = preference_metrics(length_baseline_probs(train, rows), labels)["log_loss"]
+        figures["class_prior_log_loss"] = class_prior_log_loss(train["label"].to_numpy(), labels)
+        figures["rows"] = float(len(rows))
+        mlflow.log_metrics({**figures, **speed_metrics(len(rows), result.seconds, result.prompt_tokens,
+                                                        result.startup_seconds)})
+        mlflow.set_tags({"eval_dataset_digest": digest, "model_uri": ref.uri,
+                         "model_version": ref.version or "", "swap_tta": str(recipe.engine.swap_tta)})
+        with tempfile.TemporaryDirectory() as tmp:
+            for plot in save_plots(result.probs, labels, Path(tmp)):
+                mlflow.log_artifact(str(plot), "plots")
+            predictions = rows[["id", "source", "label"]].assign(
+                p_a=result.probs[:, 0], p_b=result.probs[:, 1], p_tie=result.probs[:, 2])
+            predictions.to_csv(Path(tmp) / "predictions.csv", index=False)
+            mlflow.log_artifact(str(Path(tmp) / "predictions.csv"))
+        if ref.version:
+            registry.tag_version_with_eval(ref.registered_name, ref.version, figures, digest)
+        print(f"evaluate {ref.uri}: " + ", ".join(f"{k}={v:.4f}" for k, v in figures.items())
+              + f"; {result.samples_per_s:.2f} samples/s (run {run.info.run_id})")
+        return figures
+
+
+def promote(recipe: Recipe, version: str = "latest"):
+    """Move the alias to `version` if its log_loss beats the champion's on the same evaluation data."""
+    import mlflow
+
+    from . import registry
+
+    name = recipe.registry.model_name
+    with stage_run(recipe, "promote"):
+        if version == "latest":
+            version = registry.latest_version(name)
+        decision = registry.promote(name, version, alias=recipe.registry.alias)
+        mlflow.set_tags({"candidate_version": version, "promoted": str(decision.promoted),
+                         "decision": decision.reason})
+        print(f"promote {name} v{version}: {'promoted' if decision.promoted else 'not promoted'}: {decision.reason}")
+        return decision
+
+
+def infer(recipe: Recipe, input: str, output: str = "submission.csv", model: str = "") -> Path:
+    """Kaggle submission (id, winner_model_a, winner_model_b, winner_tie) from the champion.
+
+    Rows are scored in shards of `engine.shard_rows`, each saved as it finishes next to the output
+    (`<output>.shards/`): a killed run started again with the same arguments scores only the missing
+    shards and writes the identical file.
+    """
+    import dataclasses
+    import json
+    import shutil
+
+    import mlflow
+    import numpy as np
+    from tqdm import tqdm
+
+    ref = resolve_model_ref(model, recipe)
+    rows = data_mod.read_prepared(input)
+    output_path = Path(output)
+    shard_dir = output_path.with_name(output_path.name + ".shards")
+    with stage_run(recipe, "infer", model=ref.uri) as run:
+        digest = log_rows_dataset(rows, source=input, name="infer-input", context="inference")
+        manifest = {"input": str(input), "input_digest": digest, "rows": len(rows), "model": ref.uri,
+                    "version": ref.version, "checkpoint": str(ref.checkpoint) if not ref.version else None,
+                    "prompt": dataclasses.asdict(recipe.prompt), "engine": dataclasses.asdict(recipe.engine)}
+        manifest_file = shard_dir / "manifest.json"
+        if shard_dir.exists() and (not manifest_file.exists() or json.loads(manifest_file.read_text()) != manifest):
+            shutil.rmtree(shard_dir)  # shards of another input, model or setting: never mix them in
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        manifest_file.write_text(json.dumps(manifest, indent=1))
+        size = recipe.engine.shard_rows
+        shards = [shard_dir / f"shard_{k:05d}.npy" for k in range(-(-len(rows) // size))]
+        todo = [k for k, path in enumerate(shards) if not path.exists()]
+        seconds = tokens = startup = 0.0
+        if todo:
+            scorer, builder = open_scorer(ref.checkpoint, recipe)
+            startup = scorer.startup_seconds
+            with scorer:
+                for k in tqdm(todo, desc="infer shards", unit="shard"):
+                    result = predict(scorer, builder, rows.iloc[k * size:(k + 1) * size], recipe.engine.swap_tta,
+                                     progress=False)
+                    tmp = shards[k].with_suffix(".tmp.npy")
+                    np.save(tmp, result.probs)
+                    tmp.rename(shards[k])  # a shard exists only once complete
+                    seconds += result.seconds
+                    tokens += result.prompt_tokens
+        probs = np.concatenate([np.load(path) for path in shards])
+        assert len(probs) == len(rows), f"{len(probs)} predictions for {len(rows)} rows"
+        submission = pd.DataFrame({"id": rows["id"], "winner_model_a": probs[:, 0],
+                                   "winner_model_b": probs[:, 1], "winner_tie": probs[:, 2]})
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_out = output_path.with_name(output_path.name + ".tmp")
+        submission.to_csv(tmp_out, index=False)
+        tmp_out.rename(output_path)
+        scored = sum(min(size, len(rows) - k * size) for k in todo)
+        figures = {"rows": float(len(rows)), "rows_scored_this_run": float(scored),
+                   "rows_resumed": float(len(rows) - scored)}
+        if scored:
+            figures.update(speed_metrics(scored, seconds, tokens, startup))
+        mlflow.log_metrics(figures)
+        mlflow.set_tag("model_version", ref.version or "")
+        mlflow.log_artifact(str(output_path))
+        shutil.rmtree(shard_dir)
+        print(f"infer: wrote {output_path} ({len(rows)} rows, {scored} scored now, "
+              f"{len(rows) - scored} resumed) with {ref.uri} (run {run.info.run_id})")
+        return output_path

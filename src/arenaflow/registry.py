@@ -124,7 +124,7 @@ def _cleanup(client: MlflowClient, name: str, run_id: str, before: set[str], cre
         pass
 
 
-def _parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
+def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
     """`models:/name@alias` -> (name, alias, None); `models:/name/3` -> (name, None, "3")."""
     rest = uri[len("models:/") :].strip("/")
     if "@" in rest:
@@ -158,6 +158,14 @@ def alias_version(name: str, alias: str = "champion") -> str | None:
     return None if found is None else str(found.version)
 
 
+def latest_version(name: str) -> str:
+    """The highest version number of `name`; RegistryError when it has none."""
+    versions = _client().search_model_versions(f"name = '{name}'")
+    if not versions:
+        raise RegistryError(f"model {name} has no registered version; {MAKE_ONE_HINT}")
+    return str(max(int(v.version) for v in versions))
+
+
 def resolve_model_uri(uri: str, dst_path: str | Path | None = None) -> Path:
     """A local directory -> itself; `runs:/...`, `models:/name@alias`, `models:/name/version` -> a
     downloaded local checkpoint directory (into `dst_path`, or a fresh temporary directory)."""
@@ -172,7 +180,7 @@ def resolve_model_uri(uri: str, dst_path: str | Path | None = None) -> Path:
     if text.startswith("runs:/") and "/" not in text[len("runs:/") :].strip("/"):
         target = f"runs:/{text[len('runs:/') :].strip('/')}/{CHECKPOINT_ARTIFACT}"  # a bare run: its checkpoint
     if text.startswith("models:/"):
-        name, alias, version = _parse_models_uri(text)
+        name, alias, version = parse_models_uri(text)
         if alias is not None:
             found = _version_for_alias(client, name, alias)
             if found is None:
