@@ -24,6 +24,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--input", default="", help="one file (csv/parquet/jsonl) instead of the recipe's data.files")
 
+    p = verbs.add_parser("finetune", help="QLoRA / LoRA on the answer token; logs the adapter")
+    _common(p)
+    p.add_argument("--data", default="", help="datagen output (runs:/<id>/data or a folder); default: split the recipe's files")
+
+    p = verbs.add_parser("quantize", help="merge the adapter, AWQ-quantize, evaluate both, register a version")
+    _common(p)
+    p.add_argument("--adapter", required=True, help="finetune output (runs:/<id>/adapter or a folder)")
+    p.add_argument("--data", default="", help="datagen output for calibration + validation rows")
+
     p = verbs.add_parser("evaluate", help="score labelled rows; log log_loss, plots, predictions")
     _common(p)
     p.add_argument("--input", default="", help="labelled file, or datagen output (runs:/<id>/data); default: the recipe's valid split")
@@ -38,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="rows to score (csv/parquet/jsonl, Kaggle columns)")
     p.add_argument("--output", default="submission.csv", help="submission CSV to write")
     p.add_argument("--model", default="", help="default: models:/<registry.model_name>@<registry.alias>")
+
+    p = verbs.add_parser("main", help="datagen -> finetune -> quantize -> evaluate -> promote -> infer")
+    _common(p)
     return parser
 
 
@@ -54,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         handler = getattr(pipeline, args.verb)
         kwargs = {k: v for k, v in vars(args).items() if k not in ("verb", "recipe", "overrides")}
+        if args.verb == "main":
+            kwargs["overrides"] = args.overrides  # handed down to every step
         handler(recipe, **kwargs)
     except (RecipeError, DataError, ModelError, PromptError, RegistryError, ScoringError, FileNotFoundError) as err:
         print(f"arenaflow {args.verb}: error: {err}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,7 +196,6 @@ def infer(recipe: Recipe, input: str, output: str = "submission.csv", model: str
     (`<output>.shards/`): a killed run started again with the same arguments scores only the missing
     shards and writes the identical file.
     """
-    import dataclasses
     import json
     import shutil
 
@@ -204,7 +204,7 @@ def infer(recipe: Recipe, input: str, output: str = "submission.csv", model: str
     from tqdm import tqdm
 
     ref = resolve_model_ref(model, recipe)
-    rows = data_mod.read_prepared(input)
+    rows = data_mod.read_prepared(fetch_artifacts(input))
     output_path = Path(output)
     shard_dir = output_path.with_name(output_path.name + ".shards")
     with stage_run(recipe, "infer", model=ref.uri) as run:
@@ -253,3 +253,171 @@ def infer(recipe: Recipe, input: str, output: str = "submission.csv", model: str
         print(f"infer: wrote {output_path} ({len(rows)} rows, {scored} scored now, "
               f"{len(rows) - scored} resumed) with {ref.uri} (run {run.info.run_id})")
         return output_path
+
+
+def score_rows(checkpoint: Path, recipe: Recipe, rows: pd.DataFrame):
+    """Probabilities for rows with a fresh engine, stopped afterwards (torch's thread count restored:
+    an in-process vLLM engine lowers it, which would slow the training that follows)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    scorer, builder = open_scorer(checkpoint, recipe)
+    try:
+        with scorer:
+            return predict(scorer, builder, rows, recipe.engine.swap_tta)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def finetune(recipe: Recipe, data: str = "") -> str:
+    """QLoRA/LoRA on the answer token; logs the base model's zero-shot and the finetuned validation
+    log_loss on the same rows, and the adapter under the run's `adapter/` artifacts."""
+    import mlflow
+
+    from .metrics import preference_metrics
+    from .models import resolve_model
+    from .train import finetune as train_adapter
+
+    base = resolve_model(recipe.model.base)
+    train, valid = load_split(data, recipe)
+    valid = subsample(valid, recipe.train.max_valid_rows, recipe.data.seed)
+    with stage_run(recipe, "finetune") as run:
+        log_rows_dataset(train, source=data or "recipe split", name=f"{recipe.name}-train", context="training")
+        digest = log_rows_dataset(valid, source=data or "recipe split", name=f"{recipe.name}-valid", context="validation")
+        mlflow.set_tag("eval_dataset_digest", digest)
+        # Zero-shot first, in its own engine: bitsandbytes must not see a forward before training.
+        zero_shot = preference_metrics(score_rows(base, recipe, valid).probs, valid["label"].to_numpy())
+        mlflow.log_metrics({f"base_{k}": v for k, v in zero_shot.items()})
+        with tempfile.TemporaryDirectory() as tmp:
+            result = train_adapter(base, train, valid, recipe.prompt, recipe.train, Path(tmp),
+                                   trust_remote_code=recipe.model.trust_remote_code)
+            mlflow.log_artifacts(str(result.adapter_dir), "adapter")
+        final = result.valid[-1] if result.valid else {}
+        mlflow.log_metrics({"train_loss": result.train_loss, "train_seconds": result.seconds,
+                            "seconds_per_row": result.seconds_per_row, "rows_trained": result.rows_trained,
+                            **({"log_loss": final["log_loss"],
+                                "log_loss_gain_over_base": zero_shot["log_loss"] - final["log_loss"]} if final else {})})
+        print(f"finetune: base zero-shot log_loss={zero_shot['log_loss']:.4f}, finetuned "
+              f"log_loss={final.get('log_loss', float('nan')):.4f}; adapter at runs:/{run.info.run_id}/adapter")
+        return run.info.run_id
+
+
+def quantize(recipe: Recipe, adapter: str, data: str = "") -> str:
+    """Merge the adapter into a full-precision base, quantize (AWQ W4A16/W8A16), evaluate both on
+    the same valid rows, register the quantized checkpoint as a new version. Returns the version."""
+    import mlflow
+
+    from . import registry
+    from .metrics import preference_metrics
+    from .models import load_tokenizer, resolve_model
+    from .prompts import PromptBuilder
+    from .quantize import checkpoint_size_bytes, merge_adapter, quantize_checkpoint
+
+    base = resolve_model(recipe.model.base)
+    train, valid = load_split(data, recipe)
+    valid = subsample(valid, recipe.train.max_valid_rows, recipe.data.seed)
+    labels = valid["label"].to_numpy()
+    with stage_run(recipe, "quantize") as run, tempfile.TemporaryDirectory() as tmp:
+        digest = log_rows_dataset(valid, source=data or "recipe split", name=f"{recipe.name}-valid", context="validation")
+        merged = merge_adapter(base, fetch_artifacts(adapter), Path(tmp) / "merged", recipe.quant.merge_dtype)
+        calibration_builder = PromptBuilder(load_tokenizer(merged),
+                                            dataclasses.replace(recipe.prompt, max_length=recipe.quant.calibration_max_length))
+        calibration = calibration_builder.build_rows(subsample(train, recipe.quant.calibration_rows, recipe.data.seed))
+        quantized = quantize_checkpoint(merged, Path(tmp) / "quantized", recipe.quant, calibration)
+        merged_figures = preference_metrics(score_rows(merged, recipe, valid).probs, labels)
+        figures = preference_metrics(score_rows(quantized, recipe, valid).probs, labels)
+        figures.update({f"merged_{k}": v for k, v in merged_figures.items()})
+        figures["quant_log_loss_delta"] = figures["log_loss"] - merged_figures["log_loss"]
+        figures["merged_size_mb"] = checkpoint_size_bytes(merged) / 2**20
+        figures["quantized_size_mb"] = checkpoint_size_bytes(quantized) / 2**20
+        mlflow.log_metrics(figures)
+        version = registry.register_checkpoint(
+            quantized, recipe.registry.model_name,
+            tags={"quantization": recipe.quant.scheme, "quant_method": recipe.quant.method,
+                  "group_size": str(recipe.quant.group_size), "base_model": recipe.model.base,
+                  "recipe": recipe.name, "adapter": adapter},
+            description=(f"{recipe.model.base} finetuned by recipe {recipe.name}, merged in "
+                         f"{recipe.quant.merge_dtype}, quantized {recipe.quant.scheme} ({recipe.quant.method}). "
+                         f"Valid log_loss {figures['log_loss']:.4f} (merged {merged_figures['log_loss']:.4f})."))
+        registry.tag_version_with_eval(recipe.registry.model_name, version.version, figures, digest)
+        mlflow.set_tag("registered_version", str(version.version))
+        print(f"quantize: {recipe.quant.scheme} log_loss={figures['log_loss']:.4f} (merged "
+              f"{merged_figures['log_loss']:.4f}, delta {figures['quant_log_loss_delta']:+.4f}); registered "
+              f"{recipe.registry.model_name} v{version.version} (run {run.info.run_id})")
+        return str(version.version)
+
+
+# ---------------------------------------------------------------------------------------------
+# main: every stage as a nested run (mlflow's multistep workflow pattern).
+
+def project_root() -> Path:
+    here = Path.cwd()
+    return here if (here / "MLproject").exists() else Path(__file__).resolve().parents[2]
+
+
+def _finished_run(entry_point: str, parameters: dict, git_commit: str, experiment_id: str):
+    """A FINISHED run of this entry point with the same parameters and code version, if any."""
+    from mlflow import MlflowClient
+
+    runs = MlflowClient().search_runs(
+        [experiment_id], filter_string=f"tags.`mlflow.project.entryPoint` = '{entry_point}'",
+        order_by=["attributes.start_time DESC"])
+    for run in runs:
+        if (run.info.status == "FINISHED" and run.data.tags.get("mlflow.source.git.commit") == git_commit
+                and all(run.data.params.get(k) == str(v) for k, v in parameters.items())):
+            return run
+    return None
+
+
+def _step(entry_point: str, parameters: dict, git_commit: str, experiment_id: str):
+    """Reuse a finished run with the same params and commit, else run the entry point as a child run."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    found = _finished_run(entry_point, parameters, git_commit, experiment_id)
+    if found is not None:
+        print(f"main: reusing {entry_point} run {found.info.run_id} (same parameters and commit)")
+        mlflow.set_tag(f"step_{entry_point}", f"{found.info.run_id} (reused)")
+        return found
+    print(f"main: running {entry_point} {parameters}")
+    submitted = mlflow.run(str(project_root()), entry_point=entry_point, parameters=parameters,
+                           env_manager="local", experiment_id=experiment_id, synchronous=True)
+    mlflow.set_tag(f"step_{entry_point}", submitted.run_id)
+    return MlflowClient().get_run(submitted.run_id)
+
+
+def main(recipe: Recipe, overrides: list[str] | None = None) -> None:
+    """datagen -> finetune -> quantize -> evaluate -> promote -> infer, each a nested MLflow run."""
+    import mlflow
+
+    from .tracking import git_commit
+
+    common = {"recipe": recipe.path or "", "overrides": " ".join(overrides or [])}
+    with stage_run(recipe, "main") as parent:
+        experiment_id, commit = parent.info.experiment_id, git_commit()
+        datagen_run = _step("datagen", {**common, "input": ""}, commit, experiment_id)
+        data = f"runs:/{datagen_run.info.run_id}/data"
+        finetune_run = _step("finetune", {**common, "data": data}, commit, experiment_id)
+        quantize_run = _step("quantize", {**common, "data": data,
+                                          "adapter": f"runs:/{finetune_run.info.run_id}/adapter"}, commit, experiment_id)
+        version = quantize_run.data.tags["registered_version"]
+        model_uri = f"models:/{recipe.registry.model_name}/{version}"
+        evaluate_run = _step("evaluate", {**common, "input": data, "model": model_uri}, commit, experiment_id)
+        promote_run = _step("promote", {**common, "version": version}, commit, experiment_id)
+        infer_run = _step("infer", {**common, "input": f"{data}/valid.parquet", "model": "",
+                                    "output": str(Path(tempfile.gettempdir()) / f"arenaflow-main-{parent.info.run_id}.csv")},
+                          commit, experiment_id)
+        ft, ev = finetune_run.data.metrics, evaluate_run.data.metrics
+        mlflow.log_metrics({
+            "base_log_loss": ft["base_log_loss"], "finetuned_log_loss": ft["log_loss"],
+            "merged_log_loss": quantize_run.data.metrics["merged_log_loss"],
+            "log_loss": ev["log_loss"], "accuracy": ev["accuracy"],
+            "length_baseline_log_loss": ev["length_baseline_log_loss"],
+            "class_prior_log_loss": ev["class_prior_log_loss"],
+            "quant_log_loss_delta": quantize_run.data.metrics["quant_log_loss_delta"],
+            "samples_per_s": infer_run.data.metrics.get("samples_per_s", float("nan")),
+        })
+        mlflow.set_tags({"registered_version": version, "promotion": promote_run.data.tags.get("decision", "")})
+        print(f"main: base zero-shot log_loss {ft['base_log_loss']:.4f} -> finetuned {ft['log_loss']:.4f} -> "
+              f"{recipe.quant.scheme} {ev['log_loss']:.4f} (length baseline {ev['length_baseline_log_loss']:.4f}); "
+              f"{recipe.registry.model_name} v{version}: {promote_run.data.tags.get('decision', '')}")
