@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="submission.csv", help="submission CSV to write")
     p.add_argument("--model", default="", help="default: models:/<registry.model_name>@<registry.alias>")
 
+    p = verbs.add_parser("ui", help="MLflow web UI over the tracking store (127.0.0.1; Ctrl-C stops it)")
+    p.add_argument("--tracking-uri", default="", help="default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
+    p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (0: a free one)")
+
     p = verbs.add_parser("main", help="datagen -> finetune -> quantize -> evaluate -> promote -> infer")
     _common(p)
     return parser
@@ -55,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verb == "ui":  # needs no recipe
+        from .ui import serve
+
+        return serve(args.tracking_uri or None, port=args.port)
     from . import pipeline
     from .data import DataError
     from .models import ModelError
