@@ -1,0 +1,520 @@
+"""Finetune a causal LM to answer "A", "B" or "tie": LoRA / QLoRA with TRL's SFTTrainer.
+
+Each row becomes `PromptBuilder` ids (ending at the assistant generation prompt) + one answer token;
+`labels` are -100 everywhere except that answer token (`answer_token_example`). Pre-tokenized data
+makes TRL skip its own tokenization, so it appends no EOS and puts no loss anywhere else.
+
+Loss (one function for hard and soft labels): 3-way cross-entropy between the target distribution
+(`p_a, p_b, p_tie` when present, else the one-hot of `label`) and the softmax over the three
+label-token logits at the answer position (`three_way_loss`). The scorer renormalises over the same
+three tokens, so this objective *is* the metric (multi-class log-loss); full-vocabulary CE would in
+addition spend gradient on pushing probability off the other ~49k tokens, which renormalisation
+throws away, and for soft targets it is the same optimum plus that extra term. On a hard label the
+3-way CE equals `F.cross_entropy` over the three logits (tested).
+
+`train.head`:
+  * "lm": LoRA only; scores are the three LM-head rows of the (LoRA-adapted) last hidden state.
+  * "classifier": the same 3-way head, but its three LM-head rows are trained too (peft
+    `trainable_token_indices`). It is a 3-way linear classifier initialised from the LM head, stored
+    *inside* the LM head, so `merge_and_unload()` yields a plain causal LM that every scorer reads
+    unchanged (a separate nn.Linear would need a new architecture after merging). On a model with
+    tied embeddings the three rows are shared with the input embeddings of "A", "B", "tie", so those
+    input embeddings move too (peft keeps the tie).
+
+bitsandbytes on CPU: an eval-mode no_grad forward on a 4-bit model repacks weights into an
+inference-only layout on AVX512-BF16 CPUs, after which training gets wrong gradients. Training never
+runs a forward before its first step, and the repack is switched off on every Linear4bit we load
+(`_disable_cpu_inference_repack`), so the in-training validation between epochs is safe too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .recipe import PromptConfig, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+SOFT_COLUMNS = ("p_a", "p_b", "p_tie")
+HEADS = ("lm", "classifier")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class TrainError(ValueError):
+    """A training configuration or training table that cannot be used."""
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    train_loss: float  # mean training loss over the whole run (the Trainer's figure)
+    loss_history: list[dict] = field(default_factory=list)  # per logged step: step, epoch, loss, learning_rate
+    valid: list[dict] = field(default_factory=list)  # per epoch: epoch, step, log_loss, ...
+    seconds: float = 0.0  # wall time of training, in-training validation excluded
+    valid_seconds: float = 0.0  # wall time of the in-training validation
+    rows_trained: int = 0  # distinct training rows after subsampling
+    examples_seen: int = 0  # rows processed by training steps (rows x epochs)
+    seconds_per_row: float = 0.0  # seconds / examples_seen
+    steps: int = 0  # optimizer steps
+    rows_unlabelled: int = 0  # training rows without label or soft labels (not trainable, skipped)
+    valid_rows: int = 0
+    head: str = "lm"
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+def answer_token_example(prompt_ids: Sequence[int], label_ids: Sequence[int], label: int) -> dict[str, list[int]]:
+    """`input_ids` = prompt ids + the answer token of `label`; `labels` = -100 except at that token."""
+    if label not in (0, 1, 2):
+        raise TrainError(f"label must be 0 (A), 1 (B) or 2 (tie), got {label!r}")
+    answer = int(label_ids[label])
+    prompt = [int(i) for i in prompt_ids]
+    return {"input_ids": prompt + [answer], "labels": [IGNORE_INDEX] * len(prompt) + [answer]}
+
+
+def row_targets(rows: pd.DataFrame) -> np.ndarray:
+    """N x 3 target distributions: soft labels where all three are present, else the one-hot of
+    `label`; a row with neither is all NaN (unlabelled)."""
+    n = len(rows)
+    targets = np.full((n, 3), np.nan)
+    labels = rows["label"].to_numpy() if "label" in rows.columns else np.full(n, -1)
+    hard = np.isin(labels, (0, 1, 2))
+    targets[hard] = np.eye(3)[labels[hard].astype(int)]
+    if all(c in rows.columns for c in SOFT_COLUMNS):
+        soft = rows[list(SOFT_COLUMNS)].to_numpy(dtype=float)
+        has_soft = np.isfinite(soft).all(axis=1)
+        targets[has_soft] = soft[has_soft] / soft[has_soft].sum(axis=1, keepdims=True)
+    return targets
+
+
+def three_way_loss(label_logits, targets):
+    """Per-row cross-entropy between `targets` (N x 3 distributions) and softmax(label_logits)."""
+    import torch
+
+    log_probs = torch.log_softmax(label_logits.float(), dim=-1)
+    return -(targets.to(log_probs) * log_probs).sum(dim=-1)
+
+
+def subsample(rows: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
+    """At most `n` rows, chosen deterministically by `seed`, in their original order."""
+    if n is None or len(rows) <= n:
+        return rows
+    if n < 1:
+        raise TrainError(f"cannot keep {n} rows")
+    keep = np.random.default_rng(seed).choice(len(rows), size=n, replace=False)
+    return rows.iloc[np.sort(keep)]
+
+
+def _dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise TrainError(f"train.bnb_4bit_compute_dtype must be one of {DTYPES}, got {name!r}")
+    return getattr(torch, name)
+
+
+def _target_modules(spec: str):
+    spec = spec.strip()
+    if spec == "all-linear":
+        return spec
+    modules = [m.strip() for m in spec.split(",") if m.strip()]
+    if not modules:
+        raise TrainError("train.target_modules is empty (use all-linear or a comma list)")
+    return modules
+
+
+def check_config(cfg: TrainConfig) -> None:
+    if cfg.head not in HEADS:
+        raise TrainError(f"train.head must be one of {HEADS}, got {cfg.head!r}")
+    _dtype(cfg.bnb_4bit_compute_dtype)
+    _target_modules(cfg.target_modules)
+    if cfg.epochs <= 0 or cfg.batch_size < 1 or cfg.gradient_accumulation_steps < 1 or cfg.lora_r < 1:
+        raise TrainError("train.epochs, batch_size, gradient_accumulation_steps and lora_r must be positive")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise TrainError(f"train.warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+
+
+# ----------------------------------------------------------------------------- model side
+
+def _answer_logits(model, input_ids, attention_mask, positions, label_ids):
+    """The three label-token logits at `positions` (one per row): B x 3.
+
+    `logits_to_keep` (a tensor of positions) keeps the LM head to those positions instead of
+    computing the full-vocabulary logits for every token.
+    """
+    import torch
+
+    keep, which = torch.unique(positions, return_inverse=True)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False).logits
+    rows = torch.arange(input_ids.shape[0], device=logits.device)
+    return logits[rows, which.to(logits.device)][:, list(label_ids)]
+
+
+def label_probabilities(model, id_lists: Sequence[Sequence[int]], label_ids: Sequence[int], pad_token_id: int,
+                        batch_size: int = 8) -> np.ndarray:
+    """Renormalised P(A), P(B), P(tie) at the last position of each prompt (N x 3), no grad."""
+    import torch
+
+    device = next(p.device for p in model.parameters())
+    order = sorted(range(len(id_lists)), key=lambda i: -len(id_lists[i]))
+    probs = np.zeros((len(id_lists), 3))
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            width = max(len(id_lists[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, i in enumerate(chunk):
+                ids[r, :len(id_lists[i])] = torch.tensor(id_lists[i])
+                mask[r, :len(id_lists[i])] = 1
+            positions = mask.sum(dim=1) - 1
+            logits = _answer_logits(model, ids.to(device), mask.to(device), positions.to(device), label_ids)
+            probs[chunk] = torch.softmax(logits.double(), dim=-1).cpu().numpy()
+    return probs
+
+
+def validation_metrics(probs: np.ndarray, targets: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """log_loss / accuracy on hard-labelled rows (sklearn), soft cross-entropy on soft-labelled ones."""
+    from sklearn.metrics import log_loss
+
+    metrics: dict[str, float] = {}
+    hard = np.isin(labels, (0, 1, 2))
+    if hard.any():
+        metrics["log_loss"] = float(log_loss(labels[hard], probs[hard], labels=[0, 1, 2]))
+        metrics["accuracy"] = float((probs[hard].argmax(axis=1) == labels[hard]).mean())
+    soft = np.isfinite(targets).all(axis=1) & ((targets > 0) & (targets < 1)).any(axis=1)
+    if soft.any():
+        clipped = np.clip(probs[soft], 1e-15, 1.0)
+        metrics["soft_cross_entropy"] = float(-(targets[soft] * np.log(clipped)).sum(axis=1).mean())
+    return metrics
+
+
+def _disable_cpu_inference_repack(model) -> int:
+    """Stop bitsandbytes' Linear4bit from repacking weights for CPU inference on eval forwards
+    (AVX512-BF16 CPUs), which would break training that continues after a validation pass."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def load_base_model(checkpoint: Path, cfg: TrainConfig, trust_remote_code: bool = False):
+    """The base causal LM for training: NF4 4-bit (prepared for k-bit training) or plain weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = _dtype(cfg.bnb_4bit_compute_dtype)
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if cfg.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+        )
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
+    if cfg.load_in_4bit:
+        _disable_cpu_inference_repack(model)
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    return model
+
+
+def lora_config(model, cfg: TrainConfig, label_ids: Sequence[int]):
+    from peft import LoraConfig
+
+    kwargs = {}
+    if cfg.head == "classifier":
+        # Train the three LM-head rows. With tied embeddings peft trains them through the input
+        # embedding and ties the LM head to it; otherwise target the LM head itself.
+        tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
+        target = model.get_input_embeddings() if tied else model.get_output_embeddings()
+        name = next(n for n, m in model.named_modules() if m is target)
+        kwargs["trainable_token_indices"] = {name.split(".")[-1]: list(label_ids)}
+    return LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=_target_modules(cfg.target_modules), bias="none", task_type="CAUSAL_LM", **kwargs,
+    )
+
+
+# ----------------------------------------------------------------------------- trainer side
+
+class AnswerCollator:
+    """TRL's collator for input_ids/labels (right padding, labels padded with -100) + `targets`."""
+
+    def __init__(self, pad_token_id: int):
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        self.inner = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+
+        batch = self.inner([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
+        batch["targets"] = torch.tensor([e["targets"] for e in examples], dtype=torch.float32)
+        return batch
+
+
+def _make_trainer_class():
+    import torch
+    from trl import SFTTrainer
+
+    class AnswerTokenTrainer(SFTTrainer):
+        """SFTTrainer whose loss is `three_way_loss` at the answer token (see module doc)."""
+
+        label_ids: list[int] = []
+        rows_seen: int = 0
+
+        def _set_signature_columns_if_needed(self):
+            if self._signature_columns is None:
+                self._signature_columns = ["input_ids", "labels", "targets"]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs["labels"]
+            answer = labels != IGNORE_INDEX
+            if not bool((answer.sum(dim=1) == 1).all()):
+                raise TrainError("every training example needs exactly one answer token in labels")
+            positions = answer.float().argmax(dim=1) - 1  # the logits that predict the answer token
+            logits = _answer_logits(model, inputs["input_ids"], inputs.get("attention_mask"), positions, self.label_ids)
+            per_row = three_way_loss(logits, inputs["targets"])
+            if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+                # The Trainer counts answer tokens over the whole accumulation window: an exact mean.
+                loss = per_row.sum() / torch.as_tensor(num_items_in_batch).to(per_row.device).clamp(min=1)
+            else:
+                loss = per_row.mean()
+            mode = "train" if model.training else "eval"
+            if mode == "train":
+                self.rows_seen += int(labels.shape[0])
+            hit = (logits.argmax(dim=-1) == inputs["targets"].argmax(dim=-1).to(logits.device)).float().mean()
+            self._metrics[mode]["label_accuracy"].append(float(hit))
+            return (loss, {"logits": logits}) if return_outputs else loss
+
+    return AnswerTokenTrainer
+
+
+def _make_callback(validate: Callable | None, history: list, valid: list, timing: dict):
+    from transformers import TrainerCallback
+
+    def log_mlflow(metrics: dict, step: int) -> None:
+        mlflow = sys.modules.get("mlflow")  # not imported: the caller cannot have opened a run
+        if mlflow is None or mlflow.active_run() is None:  # the caller owns the run; never start one here
+            return
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if clean:
+            mlflow.log_metrics(clean, step=step)
+
+    class TrainLogCallback(TrainerCallback):
+        last_validated_step = -1
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "loss" not in logs or "train_runtime" in logs:
+                return
+            entry = {"step": state.global_step, "epoch": state.epoch, "loss": logs["loss"],
+                     "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
+                     "label_accuracy": logs.get("label_accuracy")}
+            history.append(entry)
+            log_mlflow({"train_loss": entry["loss"], "learning_rate": entry["learning_rate"] or 0.0,
+                        "grad_norm": entry["grad_norm"] if entry["grad_norm"] is not None else float("nan"),
+                        "train_label_accuracy": entry["label_accuracy"] if entry["label_accuracy"] is not None
+                        else float("nan")}, state.global_step)
+
+        def on_epoch_end(self, args, state, control, model=None, **kwargs):
+            self.run(state, model)
+
+        def run(self, state, model) -> None:
+            if validate is None or state.global_step < 1 or state.global_step == self.last_validated_step:
+                return  # never a forward before the first training step (bitsandbytes trap)
+            start = time.perf_counter()
+            was_training = model.training
+            model.eval()
+            try:
+                metrics = dict(validate(model))
+            finally:
+                model.train(was_training)
+            timing["valid_seconds"] += time.perf_counter() - start
+            self.last_validated_step = state.global_step
+            valid.append({"epoch": state.epoch, "step": state.global_step, **metrics})
+            log_mlflow({k if k.startswith("valid_") else f"valid_{k}": v for k, v in metrics.items()}
+                       | {"epoch": state.epoch or 0.0}, state.global_step)
+            logger.info("validation at step %d (epoch %.2f): %s", state.global_step, state.epoch or 0, metrics)
+
+    return TrainLogCallback()
+
+
+def _examples(rows: pd.DataFrame, builder, targets: np.ndarray) -> dict[str, list]:
+    prompts = builder.build_rows(rows)
+    columns: dict[str, list] = {"input_ids": [], "labels": [], "targets": []}
+    for prompt_ids, target in zip(prompts, targets):
+        example = answer_token_example(prompt_ids, builder.label_ids, int(np.argmax(target)))
+        columns["input_ids"].append(example["input_ids"])
+        columns["labels"].append(example["labels"])
+        columns["targets"].append([float(t) for t in target])
+    return columns
+
+
+@dataclass
+class PreparedTraining:
+    """Everything `finetune` builds before training (tests inspect `trainer` as TRL prepared it)."""
+
+    trainer: object
+    callback: object
+    tokenizer: object
+    builder: object
+    train_rows: pd.DataFrame
+    valid_rows: pd.DataFrame | None
+    rows_unlabelled: int
+    timing: dict
+    history: list
+    valid: list
+
+
+def prepare_training(base_checkpoint: Path, train_rows: pd.DataFrame, valid_rows: pd.DataFrame | None,
+                     prompt_cfg: PromptConfig, train_cfg: TrainConfig, out_dir: Path,
+                     valid_log_loss_fn: Callable | None = None, *, trust_remote_code: bool = False) -> PreparedTraining:
+    """Tokenize, subsample, load the base (4-bit or not), wrap it in LoRA and build the trainer."""
+    import torch
+    from datasets import Dataset
+    from peft import get_peft_model
+    from trl import SFTConfig
+
+    from .models import load_tokenizer
+    from .prompts import PromptBuilder
+
+    check_config(train_cfg)
+    base_checkpoint, out_dir = Path(base_checkpoint), Path(out_dir)
+    tokenizer = load_tokenizer(base_checkpoint, trust_remote_code=trust_remote_code)
+    builder = PromptBuilder(tokenizer, prompt_cfg)
+
+    targets = row_targets(train_rows)
+    usable = np.isfinite(targets).all(axis=1)
+    rows_unlabelled = int((~usable).sum())
+    if rows_unlabelled:
+        logger.warning("skipping %d of %d training rows without a label or soft labels", rows_unlabelled, len(train_rows))
+    train = subsample(train_rows[usable], train_cfg.max_train_rows, train_cfg.seed)
+    if train.empty:
+        raise TrainError("no labelled training rows (label 0/1/2 or p_a/p_b/p_tie)")
+    train_dataset = Dataset.from_dict(_examples(train, builder, row_targets(train)))
+
+    valid = subsample(valid_rows, train_cfg.max_valid_rows, train_cfg.seed) if valid_rows is not None else None
+    validate = valid_log_loss_fn
+    if validate is None and valid is not None and len(valid):
+        valid_ids = builder.build_rows(valid)
+        valid_targets = row_targets(valid)
+        valid_labels = valid["label"].to_numpy()
+
+        def validate(model):
+            probs = label_probabilities(model, valid_ids, builder.label_ids, tokenizer.pad_token_id,
+                                        batch_size=train_cfg.batch_size)
+            return validation_metrics(probs, valid_targets, valid_labels)
+
+    model = load_base_model(base_checkpoint, train_cfg, trust_remote_code=trust_remote_code)
+    model = get_peft_model(model, lora_config(model, train_cfg, builder.label_ids))
+
+    dtype = _dtype(train_cfg.bnb_4bit_compute_dtype)
+    args = SFTConfig(
+        output_dir=str(out_dir / "trainer"),
+        num_train_epochs=train_cfg.epochs,
+        learning_rate=train_cfg.learning_rate,
+        per_device_train_batch_size=train_cfg.batch_size,
+        gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
+        gradient_checkpointing=train_cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if train_cfg.gradient_checkpointing else None,
+        warmup_steps=train_cfg.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        seed=train_cfg.seed,
+        data_seed=train_cfg.seed,
+        max_length=None,  # PromptBuilder already bounds the length; TRL's truncation would cut the answer
+        packing=False,
+        bf16=dtype == torch.bfloat16 and not train_cfg.load_in_4bit,  # SFTConfig defaults bf16 to True
+        fp16=False,
+        use_cpu=not torch.cuda.is_available(),
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",  # MLflow logging goes through our callback into the caller's run
+        dataloader_pin_memory=False,
+        disable_tqdm=False,
+    )
+    history: list[dict] = []
+    valid_figures: list[dict] = []
+    timing = {"valid_seconds": 0.0}
+    callback = _make_callback(validate, history, valid_figures, timing)
+    trainer = _make_trainer_class()(
+        model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
+        data_collator=AnswerCollator(tokenizer.pad_token_id), callbacks=[callback],
+    )
+    trainer.label_ids = list(builder.label_ids)
+    # TRL casts a quantized model's trainable parameters to bf16 (QLoRA paper); keep them in the
+    # compute dtype instead (float32 by default: exact optimizer updates, and CPUs without
+    # AVX512-BF16 run bf16 slowly). The optimizer is created later, in train().
+    for param in trainer.model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(torch.float32 if dtype == torch.float16 else dtype)
+    return PreparedTraining(trainer, callback, tokenizer, builder, train, valid, rows_unlabelled, timing,
+                            history, valid_figures)
+
+
+def finetune(base_checkpoint: Path, train_rows: pd.DataFrame, valid_rows: pd.DataFrame, prompt_cfg: PromptConfig,
+             train_cfg: TrainConfig, out_dir: Path, valid_log_loss_fn: Callable | None = None, *,
+             trust_remote_code: bool = False) -> TrainResult:
+    """Train a LoRA adapter on the answer token; save adapter + tokenizer to `out_dir/adapter`.
+
+    `valid_log_loss_fn(model) -> dict` (e.g. {"log_loss": ...}) is called at the end of every epoch
+    with the training model (never before the first step); without it the validation figures are
+    computed here from the renormalised three label-token probabilities of `valid_rows`. Train loss,
+    learning rate and validation figures go to the active MLflow run, if the caller opened one.
+    """
+    run = prepare_training(base_checkpoint, train_rows, valid_rows, prompt_cfg, train_cfg, out_dir,
+                           valid_log_loss_fn, trust_remote_code=trust_remote_code)
+    trainer = run.trainer
+    start = time.perf_counter()
+    output = trainer.train()
+    run.callback.run(trainer.state, trainer.model)  # a fractional last epoch may end between epoch ends
+    seconds = time.perf_counter() - start - run.timing["valid_seconds"]
+
+    adapter_dir = Path(out_dir) / "adapter"
+    trainer.model.save_pretrained(adapter_dir)
+    run.tokenizer.save_pretrained(adapter_dir)
+    (adapter_dir / "arenaflow_train.json").write_text(json.dumps({
+        "base_checkpoint": str(base_checkpoint), "head": train_cfg.head, "label_ids": list(run.builder.label_ids),
+        "loss": "3-way cross-entropy over the label-token logits at the answer position",
+        "train": asdict(train_cfg), "prompt": asdict(prompt_cfg),
+    }, indent=2))
+
+    return TrainResult(
+        adapter_dir=adapter_dir,
+        train_loss=float(output.training_loss),
+        loss_history=run.history,
+        valid=run.valid,
+        seconds=seconds,
+        valid_seconds=run.timing["valid_seconds"],
+        rows_trained=len(run.train_rows),
+        examples_seen=trainer.rows_seen,
+        seconds_per_row=seconds / max(trainer.rows_seen, 1),
+        steps=int(trainer.state.global_step),
+        rows_unlabelled=run.rows_unlabelled,
+        valid_rows=0 if run.valid_rows is None else len(run.valid_rows),
+        head=train_cfg.head,
+    )
