@@ -1,0 +1,189 @@
+"""Merge + quantize on the tiny random Llama (hidden 128): fast, CPU only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+pytest.importorskip("llmcompressor")
+
+from arenaflow.models import label_token_ids  # noqa: E402
+from arenaflow.quantize import (  # noqa: E402
+    QuantizeError,
+    checkpoint_size_bytes,
+    merge_adapter,
+    quantization_format,
+    quantize_checkpoint,
+)
+from arenaflow.recipe import QuantConfig  # noqa: E402
+
+TEXTS = [
+    "Which answer is better? Answer A, B or tie.",
+    "Compare the two responses about photosynthesis and pick the more helpful one.",
+    "User asked for a haiku about autumn. Response A rhymes; response B counts syllables.",
+    "Explain recursion to a child. Which explanation is clearer, A or B, or is it a tie?",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint) -> Path:
+    return tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny)
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> list[list[int]]:
+    return [tokenizer.encode(t * 4)[:64] for t in TEXTS]
+
+
+def _label_probs(model, prompts, label_ids) -> torch.Tensor:
+    """N x 3 probabilities of the label tokens at each prompt's last position."""
+    rows = []
+    with torch.no_grad():
+        for ids in prompts:
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            rows.append(torch.softmax(logits[label_ids], dim=-1))
+    return torch.stack(rows)
+
+
+def _load(path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def test_merge_matches_peft_model(tiny, tmp_path, tokenizer, prompts):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    # as train.py does: LoRA on every linear layer + trainable rows for the label tokens (tied embeddings)
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM",
+        trainable_token_indices={"embed_tokens": label_token_ids(tokenizer)},
+    )
+    peft_model = get_peft_model(_load(tiny), lora).eval()
+    b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+    assert b and all(p.abs().sum() > 0 for p in b)  # a real delta, not the zero init
+    rows = [p for n, p in peft_model.named_parameters() if "trainable_tokens_delta" in n]
+    assert rows
+    with torch.no_grad():
+        for p in rows:
+            p.add_(torch.randn_like(p) * 0.5)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        expected = peft_model(ids).logits
+        base_logits = _load(tiny)(ids).logits
+    merged_dir = merge_adapter(tiny, tmp_path / "adapter", tmp_path / "merged", dtype="float32")
+    assert (merged_dir / "model.safetensors").exists() and (merged_dir / "tokenizer.json").exists()
+    assert not (merged_dir / "adapter_config.json").exists()
+    with torch.no_grad():
+        merged = _load(merged_dir)(ids).logits
+    assert (expected - base_logits).abs().max() > 1e-3  # the adapter changes the output...
+    torch.testing.assert_close(merged, expected, atol=1e-4, rtol=1e-4)  # ...and the merge keeps it
+
+
+def test_merge_sequence_classification_adapter(tiny, tmp_path, prompts):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(1)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny, num_labels=3, dtype=torch.float32)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="SEQ_CLS")
+    peft_model = get_peft_model(base, lora).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([prompts[1]])
+    with torch.no_grad():
+        expected = peft_model(ids).logits
+    merged_dir = merge_adapter(tiny, tmp_path / "adapter", tmp_path / "merged", dtype="float32")
+    config = json.loads((merged_dir / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"]
+    merged = AutoModelForSequenceClassification.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_merge_refuses_4bit_dtype(tiny, tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(QuantizeError, match="never merged into 4-bit"):
+        merge_adapter(tiny, tmp_path / "adapter", tmp_path / "merged", dtype="nf4")
+
+
+@pytest.mark.parametrize(
+    "scheme,bits,tolerance",
+    [("W4A16", 4, 0.05), ("W8A16", 8, 0.005)],
+)
+def test_awq_checkpoint_reloads_close(tiny, tmp_path, tokenizer, prompts, scheme, bits, tolerance):
+    config = QuantConfig(scheme=scheme, method="awq", group_size=64, calibration_rows=4, calibration_max_length=64)
+    out = quantize_checkpoint(tiny, tmp_path / scheme, config, calibration=prompts)
+    hf = json.loads((out / "config.json").read_text())
+    quant = hf["quantization_config"]
+    assert quant["quant_method"] == "compressed-tensors"
+    assert quantization_format(out) == "pack-quantized"
+    assert quant["ignore"] == ["lm_head"]
+    weights = quant["config_groups"]["group_0"]["weights"]
+    assert (weights["num_bits"], weights["group_size"], weights["strategy"]) == (bits, 64, "group")
+    assert (out / "tokenizer.json").exists()
+    assert checkpoint_size_bytes(out) < checkpoint_size_bytes(tiny)
+
+    labels = label_token_ids(tokenizer)
+    reference = _label_probs(_load(tiny), prompts, labels)
+    quantized_model = _load(out)
+    quantized = _label_probs(quantized_model, prompts, labels)
+    assert torch.allclose(quantized.sum(-1), torch.ones(len(prompts)))
+    assert (quantized - reference).abs().max() < tolerance
+    # the weights really changed (quantized), the reference was not silently reloaded
+    with torch.no_grad():
+        ids = torch.tensor([prompts[0]])
+        assert not torch.equal(quantized_model(ids).logits, _load(tiny)(ids).logits)
+
+
+def test_rtn_needs_no_calibration(tiny, tmp_path):
+    out = quantize_checkpoint(tiny, tmp_path / "rtn", QuantConfig(scheme="W4A16", method="rtn", group_size=32))
+    assert quantization_format(out) == "pack-quantized"
+    assert checkpoint_size_bytes(out) < checkpoint_size_bytes(tiny)
+
+
+def test_scheme_none_copies(tiny, tmp_path):
+    out = quantize_checkpoint(tiny, tmp_path / "none", QuantConfig(scheme="none"))
+    assert quantization_format(out) is None
+    assert checkpoint_size_bytes(out) == checkpoint_size_bytes(tiny)
+
+
+def test_autoawq_is_refused_with_reason(tiny, tmp_path):
+    with pytest.raises(QuantizeError, match="archived upstream.*method=awq"):
+        quantize_checkpoint(tiny, tmp_path / "x", QuantConfig(method="autoawq"), calibration=[[1, 2, 3]])
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_group_size_is_refused(tiny, tmp_path, prompts):
+    # tiny layers read 128 (attention, up/gate) or 256 (down_proj) features: 96 divides neither
+    with pytest.raises(QuantizeError, match=r"group_size=96 does not divide.*fit: \[32, 64, 128\]"):
+        quantize_checkpoint(tiny, tmp_path / "x", QuantConfig(group_size=96), calibration=prompts)
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_scheme_and_missing_calibration(tiny, tmp_path):
+    with pytest.raises(QuantizeError, match="scheme='W3A16' is unknown"):
+        quantize_checkpoint(tiny, tmp_path / "x", QuantConfig(scheme="W3A16"))
+    with pytest.raises(QuantizeError, match="needs calibration"):
+        quantize_checkpoint(tiny, tmp_path / "x", QuantConfig(method="awq"), calibration=[])
+
+
+def test_checkpoint_size_counts_weights_only(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 100)
+    (tmp_path / "model-00002.bin").write_bytes(b"x" * 10)
+    (tmp_path / "tokenizer.json").write_bytes(b"x" * 1000)
+    (tmp_path / "config.json").write_text("{}")
+    assert checkpoint_size_bytes(tmp_path) == 110
