@@ -20,9 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arenaflow", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
 
-    p = verbs.add_parser("datagen", help="ingest labelled files -> train/valid parquet (MLflow dataset)")
+    p = verbs.add_parser("datagen", help="ingest labelled files (+ LLM-generated, teacher-labelled pairs per "
+                         "generate.modes) -> train/valid parquet (MLflow dataset)")
     _common(p)
     p.add_argument("--input", default="", help="one file (csv/parquet/jsonl) instead of the recipe's data.files")
+    p.add_argument("--prompts-file", default="", help="prompts for generate.modes respond (jsonl/csv, `prompt` column); "
+                   "default: the recipe's generate.prompts_file, else the ingested train prompts")
 
     p = verbs.add_parser("finetune", help="QLoRA / LoRA on the answer token; logs the adapter")
     _common(p)

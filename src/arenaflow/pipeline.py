@@ -16,14 +16,24 @@ from .tracking import fetch_artifacts, log_rows_dataset, stage_run
 ROWS_KAGGLE_TEST = 25_000  # the competition's hidden test set: projected times are for this many rows
 
 
-def datagen(recipe: Recipe, input: str = "") -> str:
+def datagen(recipe: Recipe, input: str = "", prompts_file: str = "") -> str:
     """Ingest -> (max_rows) -> grouped split -> swap-augment train -> parquet + MLflow datasets.
+    With `generate.modes` beyond ingest (respond, label, dedup, filter): datagen_llm.generate_dataset.
 
     Returns the run id; its artifacts `data/train.parquet` and `data/valid.parquet` feed finetune.
     """
     import mlflow
 
     files = [input] if input else recipe.data.files
+    if prompts_file:
+        recipe = dataclasses.replace(recipe, generate=dataclasses.replace(recipe.generate, prompts_file=prompts_file))
+    if set(recipe.generate.modes) != {"ingest"}:
+        from .datagen_llm import generate_dataset
+
+        with stage_run(recipe, "datagen") as run:
+            generate_dataset(recipe, files)
+            print(f"datagen: artifacts at runs:/{run.info.run_id}/data")
+            return run.info.run_id
     with stage_run(recipe, "datagen") as run:
         prepared = data_mod.prepare(files, recipe.data.valid_fraction, recipe.data.seed,
                                     recipe.data.swap_augment, recipe.data.max_rows, recipe.data.group_column)

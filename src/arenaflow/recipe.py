@@ -97,6 +97,36 @@ class RegistryConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """LLM-generated training data (datagen_llm.py); `modes` beyond "ingest" switch it on."""
+
+    modes: list[str] = field(default_factory=lambda: ["ingest"])  # ingest, respond, label, dedup, filter
+    prompts_file: str | None = None  # jsonl/csv with a `prompt` column; None: prompts of the ingested rows
+    n_prompts: int | None = 32  # prompts drawn (after filter/dedup) for respond; None: all of them
+    generators: list[str] = field(default_factory=lambda: ["gguf:smollm2-135m-instruct"])  # model references
+    temperatures: list[float] = field(default_factory=lambda: [0.3, 1.0])  # one response per generator x temperature
+    top_p: float = 0.95
+    max_tokens: int = 64  # generated tokens per response (per turn)
+    max_prompt_tokens: int = 384  # chat-rendered prompt budget; longer prompts are skipped (counted)
+    seed: int = 42  # prompt sample, per-request sampling seeds, A/B order of pairs
+    shard_size: int = 16  # prompts (respond) / rows (label) per resumable shard
+    teacher: str = "models:/arenaflow@champion"  # label: model reference scoring the pairs
+    teacher_fallback: str | None = "gguf:smollm2-135m-instruct"  # used when `teacher` is not registered
+    teacher_swap_tta: bool = True  # teacher scores both A/B orders and averages (removes position bias)
+    confidence_threshold: float | None = 0.6  # hard label where max prob >= this; None: soft labels only
+    drop_unconfident: bool = False  # drop teacher-labelled rows below the threshold (counted)
+    dedup_threshold: float = 0.8  # shingle Jaccard at or above which a prompt is a near-duplicate
+    shingle_size: int = 5  # characters per shingle of the normalised prompt
+    min_prompt_chars: int = 8
+    max_prompt_chars: int = 2000
+    min_response_chars: int = 1
+    max_response_chars: int = 4000
+    min_ascii_share: float = 0.9  # share of ASCII among letters (a cheap "is English" check); 0 disables
+    sample_rows: int = 8  # generated rows written to samples.jsonl / samples.html
+    work_dir: str | None = None  # resumable shards; None: <ARENAFLOW_CACHE>/datagen
+
+
+@dataclass
 class Recipe:
     name: str = "cpu-smollm2"
     data: DataConfig = field(default_factory=DataConfig)
@@ -106,6 +136,7 @@ class Recipe:
     quant: QuantConfig = field(default_factory=QuantConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     path: str | None = None  # where it was loaded from (not a recipe key)
 
 
