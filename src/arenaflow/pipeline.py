@@ -115,13 +115,26 @@ def predict(scorer, builder, rows: pd.DataFrame, swap_tta: bool, progress: bool 
 
 
 def open_scorer(checkpoint: Path, recipe: Recipe):
-    """The recipe's engine on a checkpoint; its tokenizer's prompt builder."""
+    """The recipe's engine on a checkpoint; its tokenizer's prompt builder.
+
+    A quantized checkpoint that vLLM's CPU backend cannot run here is scored by the transformers
+    reference engine instead, said on stdout and tagged on the active run (`engine_fallback`).
+    """
+    import mlflow
+
     from .models import load_tokenizer
     from .prompts import PromptBuilder
-    from .scoring import Scorer
+    from .scoring import Scorer, vllm_cannot_run
 
+    engine = recipe.engine
+    reason = vllm_cannot_run(checkpoint) if engine.backend.startswith("vllm") else None
+    if reason:
+        print(f"scoring with the transformers engine instead of {engine.backend}: {reason}")
+        engine = dataclasses.replace(engine, backend="transformers")
+        if mlflow.active_run():
+            mlflow.set_tag("engine_fallback", f"transformers: {reason}")
     builder = PromptBuilder(load_tokenizer(checkpoint, recipe.model.trust_remote_code), recipe.prompt)
-    scorer = Scorer(checkpoint, recipe.engine, max_model_len=recipe.prompt.max_length + 8,
+    scorer = Scorer(checkpoint, engine, max_model_len=recipe.prompt.max_length + 8,
                     trust_remote_code=recipe.model.trust_remote_code)
     return scorer, builder
 

@@ -261,7 +261,7 @@ def quantize_checkpoint(src: Path, out: Path, config: QuantConfig, calibration: 
     if dataset is not None:
         from llmcompressor.modifiers.transform.awq import AWQModifier
 
-        recipe.insert(0, AWQModifier())
+        recipe.insert(0, AWQModifier(n_grid=config.awq_n_grid))
         kwargs = dict(
             dataset=dataset, num_calibration_samples=len(dataset), shuffle_calibration_samples=False,
             max_seq_length=max(len(ids) for ids in dataset["input_ids"]), batch_size=1,

