@@ -12,13 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from arenaflow.data import load_rows
+from arenaflow.data import load_rows, subsample
 from arenaflow.models import load_tokenizer, resolve_model
 from arenaflow.prompts import PromptBuilder
 from arenaflow.recipe import PromptConfig, TrainConfig
 from arenaflow.train import (
     IGNORE_INDEX, AnswerCollator, TrainError, answer_token_example, finetune, label_probabilities, prepare_training,
-    row_targets, subsample, three_way_loss,
+    row_targets, three_way_loss,
 )
 
 DATA = Path(__file__).resolve().parents[1] / "data"

@@ -218,8 +218,7 @@ def prepare(files: list[str | Path], valid_fraction: float, seed: int, swap_augm
     rows = pd.concat(tables, ignore_index=True)
     counts = {f"rows_in.{Path(f).name}": len(t) for f, t in zip(files, tables)}
     counts["rows_in"] = len(rows)
-    if max_rows is not None and max_rows < len(rows):
-        rows = rows.sample(n=max_rows, random_state=seed).sort_index()
+    rows = subsample(rows, max_rows, seed)
     counts["rows_selected"] = len(rows)
     train, valid = grouped_split(rows, valid_fraction, seed)
     counts.update(rows_train=len(train), rows_valid=len(valid))
@@ -228,6 +227,16 @@ def prepare(files: list[str | Path], valid_fraction: float, seed: int, swap_augm
         train = pd.concat([train, swap_ab(train)], ignore_index=True)
     counts["rows_train_augmented"] = len(train)
     return Prepared(train.reset_index(drop=True), valid.reset_index(drop=True), counts)
+
+
+def subsample(rows: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
+    """At most `n` rows, chosen deterministically by `seed`, in their original order."""
+    if n is None or len(rows) <= n:
+        return rows
+    if n < 1:
+        raise DataError(f"cannot keep {n} rows")
+    keep = np.random.default_rng(seed).choice(len(rows), size=n, replace=False)
+    return rows.iloc[np.sort(keep)]
 
 
 def label_distribution(rows: pd.DataFrame) -> dict[str, float]:

@@ -11,6 +11,7 @@ import pandas as pd
 
 from . import data as data_mod
 from .recipe import Recipe
+from .data import subsample
 from .tracking import fetch_artifacts, log_rows_dataset, stage_run
 
 ROWS_KAGGLE_TEST = 25_000  # the competition's hidden test set: projected times are for this many rows
@@ -91,13 +92,6 @@ def load_split(data_uri: str, recipe: Recipe) -> tuple[pd.DataFrame, pd.DataFram
         return prepared.train, prepared.valid
     folder = fetch_artifacts(data_uri)
     return data_mod.read_prepared(folder / "train.parquet"), data_mod.read_prepared(folder / "valid.parquet")
-
-
-def subsample(rows: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
-    """At most n rows, chosen reproducibly, kept in input order."""
-    if n is None or n >= len(rows):
-        return rows
-    return rows.sample(n=n, random_state=seed).sort_index()
 
 
 def predict(scorer, builder, rows: pd.DataFrame, swap_tta: bool, progress: bool = True):

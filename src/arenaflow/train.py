@@ -41,12 +41,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .data import SOFT_COLUMNS, subsample
+from .metrics import preference_metrics
 from .recipe import PromptConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-SOFT_COLUMNS = ("p_a", "p_b", "p_tie")
 HEADS = ("lm", "classifier")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -104,16 +105,6 @@ def three_way_loss(label_logits, targets):
 
     log_probs = torch.log_softmax(label_logits.float(), dim=-1)
     return -(targets.to(log_probs) * log_probs).sum(dim=-1)
-
-
-def subsample(rows: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
-    """At most `n` rows, chosen deterministically by `seed`, in their original order."""
-    if n is None or len(rows) <= n:
-        return rows
-    if n < 1:
-        raise TrainError(f"cannot keep {n} rows")
-    keep = np.random.default_rng(seed).choice(len(rows), size=n, replace=False)
-    return rows.iloc[np.sort(keep)]
 
 
 def _dtype(name: str):
@@ -186,13 +177,11 @@ def label_probabilities(model, id_lists: Sequence[Sequence[int]], label_ids: Seq
 
 def validation_metrics(probs: np.ndarray, targets: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """log_loss / accuracy on hard-labelled rows (sklearn), soft cross-entropy on soft-labelled ones."""
-    from sklearn.metrics import log_loss
-
     metrics: dict[str, float] = {}
     hard = np.isin(labels, (0, 1, 2))
-    if hard.any():
-        metrics["log_loss"] = float(log_loss(labels[hard], probs[hard], labels=[0, 1, 2]))
-        metrics["accuracy"] = float((probs[hard].argmax(axis=1) == labels[hard]).mean())
+    if hard.any():  # the same figures evaluate reports
+        figures = preference_metrics(probs[hard], labels[hard])
+        metrics.update(log_loss=figures["log_loss"], accuracy=figures["accuracy"])
     soft = np.isfinite(targets).all(axis=1) & ((targets > 0) & (targets < 1)).any(axis=1)
     if soft.any():
         clipped = np.clip(probs[soft], 1e-15, 1.0)
