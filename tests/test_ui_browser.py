@@ -1,7 +1,7 @@
 """End-to-end check of `arenaflow ui` in headless Chromium (Debian's chromium + chromium-driver).
 
-`populate_store(tmp_path)` builds a small MLflow store shaped like the pipeline's output (one recipe
-experiment, two `evaluate` runs, a registered model with a `champion` alias). `running_server` from
+`populate_store(tmp_path)` runs a small real pipeline into a temporary store (one recipe experiment,
+two registered tiny models each scored by `evaluate`, `promote` setting the `champion` alias). `running_server` from
 arenaflow.ui serves it; selenium drives the MLflow React UI through the compare view and the
 registered-model page, saving a PNG screenshot at each step into $ARENAFLOW_SCREENSHOTS (default:
 tmp_path/screenshots).
@@ -19,63 +19,55 @@ from arenaflow.ui import running_server
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-EXPERIMENT = "cpu-smollm2"
-MODEL = "arenaflow"
-# run name -> metrics; the values are distinctive so the compare table can be searched for them.
-EVAL_RUNS = {
-    "evaluate smollm2-135m cpu-smollm2 W4A16": {
-        "log_loss": 1.0473,
-        "accuracy": 0.4625,
-        "samples_per_s": 12.5,
-    },
-    "evaluate smollm2-135m cpu-smollm2 FP32": {"log_loss": 0.9821, "accuracy": 0.5125, "samples_per_s": 7.25},
-}
+ROOT = Path(__file__).resolve().parents[1]
+# The embedded default recipe on tiny random models, scored by the transformers engine on 24 rows.
+OVERRIDES = [
+    "engine.backend=transformers", "train.max_valid_rows=24",
+    f"data.files={ROOT / 'data' / 'mtbench_human_turn1.csv'},{ROOT / 'data' / 'pandalm_test.csv'}",
+]
 
 
 @dataclass
 class Store:
     tracking_uri: str
     experiment_id: str
-    eval_run_ids: list[str]  # in EVAL_RUNS order
-    model_versions: list[str] = field(default_factory=list)  # "1", "2"; champion = the last
+    model: str
+    eval_runs: dict[str, dict]  # run id -> {"name": run name, "log_loss": value}
+    model_versions: list[str] = field(default_factory=list)
+    champion: str = ""
 
 
 def populate_store(tmp_path: Path) -> Store:
-    """A small store with what the pipeline will produce; swap for a real pipeline run later."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """A small real pipeline into a temporary store: two tiny random checkpoints registered as
+    versions, each evaluated on the same validation rows, then promoted in turn."""
     from mlflow import MlflowClient
 
+    from arenaflow import registry
+    from arenaflow.models import build_tiny_llama
+    from arenaflow.pipeline import evaluate, promote
+    from arenaflow.recipe import load_recipe
+    from arenaflow.tracking import stage_run
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    exp_id = client.create_experiment(EXPERIMENT, artifact_location=(tmp_path / "mlruns").as_uri())
-    client.create_registered_model(MODEL, description="arenaflow preference models")
-    run_ids, versions = [], []
-    for name, metrics in EVAL_RUNS.items():
-        run = client.create_run(exp_id, run_name=name, tags={"stage": "evaluate", "recipe": EXPERIMENT})
-        rid = run.info.run_id
-        client.log_param(rid, "quantization", name.rsplit(" ", 1)[-1])
-        for key, value in metrics.items():
-            client.log_metric(rid, key, value)
-        fig, ax = plt.subplots(figsize=(3, 3))
-        ax.plot([0, 1], [0, 1], "--", color="grey")
-        ax.plot([0.1, 0.5, 0.9], [0.15, 0.45, 0.8], "o-")
-        ax.set_title(f"reliability {name.rsplit(' ', 1)[-1]}")
-        client.log_figure(rid, fig, "plots/reliability.png")
-        plt.close(fig)
-        ckpt = tmp_path / f"ckpt-{len(run_ids)}"
-        ckpt.mkdir()
-        (ckpt / "config.json").write_text('{"model_type": "llama"}\n')
-        client.log_artifacts(rid, str(ckpt), "checkpoint")
-        client.set_terminated(rid)
-        mv = client.create_model_version(MODEL, source=f"runs:/{rid}/checkpoint", run_id=rid)
-        client.set_model_version_tag(MODEL, mv.version, "log_loss", str(metrics["log_loss"]))
-        run_ids.append(rid)
-        versions.append(str(mv.version))
-    client.set_registered_model_alias(MODEL, "champion", versions[-1])
-    return Store(uri, exp_id, run_ids, versions)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.chdir(tmp_path)  # run artifacts (./mlruns) stay in the temporary folder
+        recipe = load_recipe(ROOT / "experiments" / "cpu-smollm2.yaml", OVERRIDES)
+        name = recipe.registry.model_name
+        versions = []
+        for seed in (0, 1):
+            checkpoint = build_tiny_llama(tmp_path / f"tiny-llama-{seed}", seed=seed)
+            with stage_run(recipe, "quantize", model=f"tiny:llama seed {seed}"):
+                versions.append(str(registry.register_checkpoint(
+                    checkpoint, name, tags={"quantization": "none"}, description=f"tiny random Llama, seed {seed}").version))
+            evaluate(recipe, model=f"models:/{name}/{versions[-1]}")
+            promote(recipe, version=versions[-1])
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        experiment_id = client.get_experiment_by_name(recipe.name).experiment_id
+        runs = client.search_runs([experiment_id], filter_string="tags.stage = 'evaluate'")
+        eval_runs = {r.info.run_id: {"name": r.info.run_name, "log_loss": r.data.metrics["log_loss"]} for r in runs}
+        champion = registry.alias_version(name, recipe.registry.alias)
+    return Store(uri, experiment_id, name, eval_runs, versions, champion)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -218,7 +210,7 @@ def _parse_floats(cells: list[str]) -> list[float]:
 
 def test_compare_evaluate_runs(ui):
     browser, store = ui
-    run_names = list(EVAL_RUNS)
+    run_names = [run["name"] for run in store.eval_runs.values()]
 
     # 1. The experiment's runs table, filtered to the evaluate stage.
     browser.open(f"/experiments/{store.experiment_id}/runs?workflowType=machine_learning")
@@ -226,7 +218,7 @@ def test_compare_evaluate_runs(ui):
     browser.wait("the runs table", lambda b: "matching run" in b.body())
     search.send_keys('tags.stage = "evaluate"\n')
     browser.wait("the filter in the URL", lambda b: "searchFilter=tags.stage" in b.d.current_url)
-    rows = {rid: f'[role="row"][row-id="{rid}"]' for rid in store.eval_run_ids}
+    rows = {rid: f'[role="row"][row-id="{rid}"]' for rid in store.eval_runs}
     browser.wait(
         f"{len(rows)} evaluate runs listed",
         lambda b: all(_find(b, css) for css in rows.values()) and f"{len(rows)} matching runs" in b.body(),
@@ -257,7 +249,7 @@ def test_compare_evaluate_runs(ui):
         "the compare-runs page",
         lambda b: "/compare-runs" in b.d.current_url and "Comparing 2 Runs" in b.body(),
     )
-    assert all(rid in browser.d.current_url for rid in store.eval_run_ids), browser.d.current_url
+    assert all(rid in browser.d.current_url for rid in store.eval_runs), browser.d.current_url
     values = browser.wait(
         "log_loss values for both runs",
         lambda b: (v := b.d.execute_script(METRIC_ROW_JS, "log_loss")) and len(_parse_floats(v)) == 2 and v,
@@ -271,13 +263,13 @@ def test_compare_evaluate_runs(ui):
     browser.d.execute_script("arguments[0].scrollIntoView({block: 'start'})", metrics_header)
     browser.shot("03-compare-log-loss")
     shown = sorted(_parse_floats(values))
-    expected = sorted(m["log_loss"] for m in EVAL_RUNS.values())
+    expected = sorted(run["log_loss"] for run in store.eval_runs.values())
     assert shown == pytest.approx(expected, abs=1e-3), f"log_loss row shows {values}, expected {expected}"
 
 
 def test_registered_model_champion_alias(ui):
     browser, store = ui
-    browser.open(f"/models/{MODEL}")
+    browser.open(f"/models/{store.model}")
     version_rows = '[role="row"]:not(.table-isHeader)'
 
     def rows_by_version(b: Browser) -> dict[str, str] | None:
@@ -287,26 +279,27 @@ def test_registered_model_champion_alias(ui):
         }
         return found if set(store.model_versions) <= set(found) else None
 
-    rows = browser.wait(f"versions {store.model_versions} of {MODEL}", rows_by_version)
+    rows = browser.wait(f"versions {store.model_versions} of {store.model}", rows_by_version)
     browser.shot("04-registered-model-champion")
-    champion = store.model_versions[-1]
-    assert "champion" in rows[champion], (
+    champion = store.champion
+    # The alias is a cell of its own; the word also appears inside the `promotion` tag's reason.
+    assert "@ champion" in rows[champion].splitlines(), (
         f"alias 'champion' not next to version {champion}: {rows[champion]!r}"
     )
-    others = [v for v in store.model_versions if v != champion and "champion" in rows[v]]
+    others = [v for v in store.model_versions if v != champion and "@ champion" in rows[v].splitlines()]
     assert not others, f"'champion' also shown on versions {others}"
-    # The version tag carries the evaluated log_loss.
-    assert str(list(EVAL_RUNS.values())[-1]["log_loss"]) in rows[champion]
+    # The version's tags carry its evaluated log_loss.
+    assert "log_loss" in rows[champion]
 
 
 def test_run_image_artifact_is_served(ui):
     browser, store = ui
-    rid = store.eval_run_ids[0]
-    browser.open(f"/experiments/{store.experiment_id}/runs/{rid}/artifacts/plots/reliability.png")
+    rid = next(iter(store.eval_runs))
+    browser.open(f"/experiments/{store.experiment_id}/runs/{rid}/artifacts/plots/calibration.png")
     browser.wait(
-        "the reliability.png preview",
+        "the calibration.png preview",
         lambda b: (
-            "plots/reliability.png" in b.body()
+            "plots/calibration.png" in b.body()
             and b.d.execute_script(
                 "return [...document.images].some(i => i.complete && i.naturalWidth > 0 && i.src.startsWith('blob:'))"
             )

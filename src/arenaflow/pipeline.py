@@ -12,7 +12,7 @@ import pandas as pd
 from . import data as data_mod
 from .recipe import Recipe
 from .data import subsample
-from .tracking import fetch_artifacts, log_rows_dataset, stage_run
+from .tracking import checkpoint_precision, fetch_artifacts, log_rows_dataset, stage_run
 
 ROWS_KAGGLE_TEST = 25_000  # the competition's hidden test set: projected times are for this many rows
 
@@ -162,7 +162,8 @@ def evaluate(recipe: Recipe, input: str = "", model: str = "") -> dict[str, floa
     ref = resolve_model_ref(model, recipe)
     train, rows = evaluation_rows(recipe, input)
     labels = rows["label"].to_numpy()
-    with stage_run(recipe, "evaluate", model=ref.uri) as run:
+    with stage_run(recipe, "evaluate", model=ref.uri,
+                   precision=checkpoint_precision(ref.checkpoint, recipe.engine.dtype)) as run:
         digest = log_rows_dataset(rows, source=input or "recipe valid split", name="eval", context="evaluation")
         scorer, builder = open_scorer(ref.checkpoint, recipe)
         with scorer:
@@ -224,7 +225,8 @@ def infer(recipe: Recipe, input: str, output: str = "submission.csv", model: str
     rows = data_mod.read_prepared(fetch_artifacts(input))
     output_path = Path(output)
     shard_dir = output_path.with_name(output_path.name + ".shards")
-    with stage_run(recipe, "infer", model=ref.uri) as run:
+    with stage_run(recipe, "infer", model=ref.uri,
+                   precision=checkpoint_precision(ref.checkpoint, recipe.engine.dtype)) as run:
         digest = log_rows_dataset(rows, source=input, name="infer-input", context="inference")
         manifest = {"input": str(input), "input_digest": digest, "rows": len(rows), "model": ref.uri,
                     "version": ref.version, "checkpoint": str(ref.checkpoint) if not ref.version else None,

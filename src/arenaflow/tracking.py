@@ -31,7 +31,20 @@ def precision_of(recipe: Recipe, stage: str) -> str:
     return "-"
 
 
+def checkpoint_precision(checkpoint: Path, engine_dtype: str) -> str:
+    """`W4A16` / `W8A16` for a compressed-tensors checkpoint, else the dtype it runs in."""
+    config = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
+    groups = (config.get("quantization_config") or {}).get("config_groups") or {}
+    bits = sorted({g.get("weights", {}).get("num_bits") for g in groups.values()} - {None})
+    if bits:
+        return "/".join(f"W{b}A16" for b in bits)
+    return engine_dtype if engine_dtype != "auto" else str(config.get("dtype") or config.get("torch_dtype") or "auto")
+
+
 def model_short_name(reference: str) -> str:
+    """`models:/arenaflow/3` -> `arenaflow-v3`; `gguf:smollm2-135m-instruct` -> `smollm2-135m-instruct`."""
+    if reference.startswith("models:/"):
+        return reference.removeprefix("models:/").replace("/", "-v")
     return reference.removeprefix("gguf:").removeprefix("tiny:").rstrip("/").split("/")[-1]
 
 
