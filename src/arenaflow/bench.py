@@ -1,0 +1,516 @@
+"""`arenaflow bench`: time every scoring engine on one checkpoint and one set of prompts, in one run.
+
+Each engine (spec, see `parse_engine_spec`) is started (start-up timed apart), warmed up on prompts
+that are NOT in the timed set (so prefix caching cannot flatter the timed pass), then timed on the
+same prompts as every other engine. Reported per engine: samples/s, prompt tokens/s, MFU =
+2 x params x tokens / time over (a) the card's datasheet dense rate and (b) a bf16 (CPU: float32)
+matmul measured in the same run, start-up seconds, the max |P - P_ref| against the first engine that
+ran, and log_loss when the rows are labelled. One MLflow run per bench; metrics are
+`<engine>_samples_per_s`, `<engine>_tokens_per_s`, ... .
+
+Prompts: real rows through the prompt builder (the recipe's valid split), or `synthetic="N:LO-HI"`:
+N random-token prompts with lengths uniform in [LO, HI] (ending with the real chat suffix).
+Models: any reference `models.resolve_model` takes, plus `random:<arch>` (e.g. `random:llama-3-8b`):
+a random-weight model with that architecture's dimensions (plan.ARCHITECTURES) and SmolLM2's
+tokenizer, built in-process because the hub is unreachable (the vocabulary is then SmolLM2's 49152).
+`pack_rtn_checkpoint` writes a W4A16 / W8A16 compressed-tensors checkpoint (symmetric round-to-nearest,
+group scales) directly, for machines without llm-compressor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .recipe import EngineConfig, Recipe
+
+DEFAULT_ENGINES = ("vllm", "vllm-classify", "transformers", "transformers-naive")
+
+
+class BenchError(ValueError):
+    """A bench request that cannot be run (bad engine spec, unknown random architecture)."""
+
+
+@dataclass
+class EngineSpec:
+    label: str
+    backend: str
+    overrides: dict = field(default_factory=dict)  # EngineConfig fields
+    model: str | None = None  # another checkpoint (e.g. a quantized one) for this engine
+
+
+def parse_engine_spec(text: str) -> EngineSpec:
+    """`[label=]backend[:key=value[:key=value...]]`, e.g. `vllm`, `fp8=vllm:quantization=fp8`,
+    `tuned=vllm:max_num_batched_tokens=32768:enable_prefix_caching=false`, `w4=vllm:model=/ckpt`."""
+    head, *pairs = text.strip().split(":")
+    label, _, backend = head.rpartition("=")
+    backend = backend.strip()
+    from .scoring import BACKENDS
+
+    if backend not in BACKENDS:
+        raise BenchError(f"engine spec {text!r}: backend {backend!r} not in {list(BACKENDS)}")
+    overrides, model = {}, None
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise BenchError(f"engine spec {text!r}: expected key=value, got {pair!r}")
+        if key == "model":
+            model = value
+        else:
+            overrides[key] = value
+    return EngineSpec(label.strip() or backend, backend, overrides, model)
+
+
+def engine_config(base: EngineConfig, spec: EngineSpec) -> EngineConfig:
+    """The base engine with the spec's backend and overrides, typed like recipe overrides."""
+    from .recipe import _coerce
+    import typing
+
+    hints = typing.get_type_hints(type(base))
+    values = {"backend": spec.backend}
+    for key, value in spec.overrides.items():
+        if key not in hints:
+            raise BenchError(f"engine {spec.label!r}: EngineConfig has no field {key!r} "
+                             f"(known: {sorted(hints)})")
+        values[key] = _coerce(value, hints[key], f"engine {spec.label}.{key}")
+    return dataclasses.replace(base, **values)
+
+
+def metric_prefix(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]+", "_", label).strip("_")
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+def synthetic_lengths(spec: str) -> tuple[int, int, int]:
+    """'256:600-1400' -> (256, 600, 1400)."""
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*-\s*(\d+)\s*", spec)
+    if not m:
+        raise BenchError(f"synthetic={spec!r}: expected N:LO-HI, e.g. 256:600-1400")
+    n, lo, hi = map(int, m.groups())
+    if not 0 < lo <= hi:
+        raise BenchError(f"synthetic={spec!r}: need 0 < LO <= HI")
+    return n, lo, hi
+
+
+def synthetic_prompts(n: int, lo: int, hi: int, vocab: int, suffix: list[int], seed: int = 0) -> list[list[int]]:
+    """N prompts of random ordinary tokens (ids 100..vocab-1, unique prefixes) ending with `suffix`."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(lo, hi + 1, size=n)
+    return [rng.integers(100, vocab, size=max(int(k) - len(suffix), 1)).tolist() + list(suffix) for k in lengths]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardware
+
+def card_name() -> str:
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def card_peak_tflops(card: str, compute: str = "bf16") -> float | None:
+    """Datasheet dense TFLOP/s of the card for `compute` (plan.GPUS), None for CPUs / unknown cards."""
+    from .plan import PlanError, gpu_spec
+
+    if card.startswith("CPU"):
+        return None
+    try:
+        gpu = gpu_spec(card)
+    except PlanError:
+        return None
+    return gpu.tflops.get(compute)
+
+
+def measured_matmul_tflops(size: int | None = None, repeats: int = 20) -> tuple[float, str]:
+    """TFLOP/s of a square matmul measured now: bf16 8192^3 on CUDA (median of CUDA-event timings,
+    fresh random inputs, after warm-up), float32 1024^3 on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        size = size or 8192
+        dtype, dev = torch.bfloat16, "cuda"
+    else:
+        size = size or 1024
+        dtype, dev = torch.float32, "cpu"
+    a = [torch.randn(size, size, device=dev, dtype=dtype) for _ in range(3)]
+    b = [torch.randn(size, size, device=dev, dtype=dtype) for _ in range(3)]
+    times = []
+    for i in range(repeats + 3):
+        if dev == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.matmul(a[i % 3], b[i % 3])
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            torch.matmul(a[i % 3], b[i % 3])
+            seconds = time.perf_counter() - t0
+        if i >= 3:
+            times.append(seconds)
+    del a, b
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    return 2 * size**3 / float(np.median(times)) / 1e12, f"{str(dtype).removeprefix('torch.')} {size}^3"
+
+
+def count_params(checkpoint: Path) -> tuple[int, int]:
+    """(all parameters, matmul parameters run per token) from the checkpoint's config dims."""
+    from .plan import dims_from_config
+
+    dims = dims_from_config(json.loads((Path(checkpoint) / "config.json").read_text()))
+    return dims.params, dims.layer_params
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+def build_random_model(arch: str, out: Path, tokenizer_from: Path | None = None, dtype: str = "bfloat16",
+                       seed: int = 0) -> Path:
+    """A random-weight Llama with the dims of `arch` (plan.ARCHITECTURES) and SmolLM2's tokenizer.
+
+    Built on the GPU when there is one; saved as safetensors (so every engine loads the same weights).
+    The vocabulary is the tokenizer's (SmolLM2: 49152), not the original model's.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from .models import _convert_gguf, _save_atomically
+    from .plan import ARCHITECTURES, model_dims
+
+    if (out / "config.json").exists():
+        return out
+    try:
+        dims, _ = model_dims(arch)
+    except ValueError:
+        raise BenchError(f"random:{arch}: unknown architecture; known: {sorted(ARCHITECTURES)}") from None
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from or _convert_gguf("smollm2-135m-instruct"))
+    cfg = dims.to_config()
+    cfg["vocab_size"] = len(tokenizer)
+    config = LlamaConfig(**cfg, max_position_embeddings=8192, rope_theta=500000.0,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(old)
+    model.config.dtype = dtype
+    _save_atomically(model, tokenizer, out)
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def resolve_bench_model(reference: str) -> tuple[Path, str]:
+    """(checkpoint, note): `random:<arch>` is built in-process (cached), the rest via resolve_model."""
+    from .models import cache_dir, resolve_model
+
+    if reference.startswith("random:"):
+        arch = reference.removeprefix("random:")
+        out = cache_dir() / "models" / f"random-{arch}"
+        path = build_random_model(arch, out)
+        return path, (f"{reference}: RANDOM weights with {arch} dimensions built in-process (no model hub), "
+                      "SmolLM2 tokenizer/vocabulary; speed figures only, no quality")
+    return resolve_model(reference), reference
+
+
+LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def pack_rtn_checkpoint(src: Path, out: Path, bits: int = 4, group_size: int = 128) -> Path:
+    """W{bits}A16 compressed-tensors `pack-quantized` checkpoint from a full-precision one, directly.
+
+    Symmetric round-to-nearest per group of `group_size` input features (scale = max|w| / (2^(bits-1)-1)),
+    int values stored offset by 2^(bits-1) and densely packed into int32 (element 0 in the lowest bits,
+    the compressed-tensors layout). Only the decoder layers' linear weights are quantized; embeddings,
+    norms and the LM head are copied. No llm-compressor needed (it conflicts with vLLM's pins).
+    """
+    import shutil
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src, out = Path(src), Path(out)
+    if (out / "config.json").exists():
+        return out
+    if bits not in (4, 8):
+        raise BenchError(f"pack_rtn_checkpoint: bits={bits}; only 4 and 8")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    qmax = 2 ** (bits - 1) - 1
+    per_int = 32 // bits
+    index = {}
+    for k, file in enumerate(sorted(src.glob("*.safetensors"))):
+        tensors = {}
+        with safe_open(str(file), framework="pt", device=dev) as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                module = name.removesuffix(".weight")
+                if name.endswith(".weight") and module.endswith(LINEAR_SUFFIXES) and t.ndim == 2:
+                    rows, cols = t.shape
+                    if cols % group_size or cols % per_int:
+                        raise BenchError(f"{name}: {cols} input features not divisible by group {group_size}")
+                    w = t.float().reshape(rows, cols // group_size, group_size)
+                    scale = (w.abs().amax(-1, keepdim=True) / qmax).clamp(min=1e-8)
+                    q = torch.clamp(torch.round(w / scale), -qmax - 1, qmax).to(torch.int64).reshape(rows, cols)
+                    u = (q + 2 ** (bits - 1)).reshape(rows, cols // per_int, per_int)
+                    shifts = torch.arange(per_int, device=dev, dtype=torch.int64) * bits
+                    packed = (u << shifts).sum(-1)
+                    packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+                    tensors[module + ".weight_packed"] = packed.contiguous()
+                    tensors[module + ".weight_scale"] = scale.reshape(rows, cols // group_size).to(t.dtype).contiguous()
+                    tensors[module + ".weight_shape"] = torch.tensor([rows, cols], dtype=torch.int64, device=dev)
+                else:
+                    tensors[name] = t.contiguous()
+        shard = f"model-{k:05d}.safetensors"
+        save_file({n: v.cpu() for n, v in tensors.items()}, str(tmp / shard), metadata={"format": "pt"})
+        index.update({n: shard for n in tensors})
+        del tensors
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "output_activations": None,
+                                      "weights": {"num_bits": bits, "type": "int", "symmetric": True,
+                                                  "strategy": "group", "group_size": group_size,
+                                                  "dynamic": False, "actorder": None, "observer": "minmax",
+                                                  "observer_kwargs": {}}}},
+        "ignore": ["lm_head"], "kv_cache_scheme": None, "sparsity_config": {},
+    }
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    for f in src.iterdir():  # tokenizer, chat template, generation config
+        if f.is_file() and not f.name.endswith((".safetensors", ".json")) or f.name in (
+                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+            shutil.copy(f, tmp / f.name)
+    tmp.rename(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The bench
+
+@dataclass
+class EngineFigures:
+    label: str
+    backend: str
+    samples_per_s: float = math.nan
+    tokens_per_s: float = math.nan
+    seconds: float = math.nan
+    startup_seconds: float = math.nan
+    mfu_peak: float = math.nan  # share of the card's datasheet rate
+    mfu_matmul: float = math.nan  # share of the matmul measured in this run
+    max_prob_diff: float = math.nan  # max |P - P_ref| over rows and classes
+    log_loss: float = math.nan
+    error: str = ""
+
+    def metrics(self) -> dict[str, float]:
+        p = metric_prefix(self.label)
+        names = ("samples_per_s", "tokens_per_s", "seconds", "startup_seconds", "mfu_peak", "mfu_matmul",
+                 "max_prob_diff", "log_loss")
+        return {f"{p}_{n}": float(getattr(self, n)) for n in names if not math.isnan(getattr(self, n))}
+
+
+@dataclass
+class BenchReport:
+    card: str
+    model_note: str
+    params: int
+    rows: int
+    prompt_tokens: int
+    peak_tflops: float | None
+    matmul_tflops: float
+    matmul_what: str
+    reference: str
+    engines: list[EngineFigures]
+    probs: dict = field(default_factory=dict)  # label -> N x 3
+
+    def table(self) -> str:
+        peak = f"{self.peak_tflops:.0f} TFLOP/s datasheet" if self.peak_tflops else "no datasheet rate (CPU)"
+        head = [f"bench on {self.card}: {self.model_note}",
+                f"  {self.params / 1e9:.3f}B matmul params per token (embeddings excluded), {self.rows} prompts, {self.prompt_tokens} prompt tokens "
+                f"(mean {self.prompt_tokens / max(self.rows, 1):.0f}); MFU = 2*params*tokens/s over {peak} and over "
+                f"the measured {self.matmul_what} matmul {self.matmul_tflops:.3g} TFLOP/s; diff vs {self.reference}"]
+        cols = ("engine", "samples/s", "tokens/s", "MFU peak", "MFU matmul", "startup s", "max|dP|", "log_loss")
+        rows = []
+        for e in self.engines:
+            if e.error:
+                rows.append((e.label, "FAILED: " + e.error.splitlines()[0][:100], "", "", "", "", "", ""))
+                continue
+            rows.append((e.label, f"{e.samples_per_s:.2f}", f"{e.tokens_per_s:.0f}",
+                         "-" if math.isnan(e.mfu_peak) else f"{100 * e.mfu_peak:.1f}%",
+                         f"{100 * e.mfu_matmul:.1f}%", f"{e.startup_seconds:.1f}",
+                         "-" if math.isnan(e.max_prob_diff) else f"{e.max_prob_diff:.2e}",
+                         "-" if math.isnan(e.log_loss) else f"{e.log_loss:.4f}"))
+        widths = [max(len(str(r[i])) for r in [cols, *rows]) for i in range(len(cols))]
+        fmt = lambda r: "  " + " | ".join(str(v).ljust(w) for v, w in zip(r, widths))  # noqa: E731
+        return "\n".join(head + [fmt(cols), "  " + "-+-".join("-" * w for w in widths)] + [fmt(r) for r in rows])
+
+
+def _free_cuda() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def run_bench(checkpoint: Path, prompts: list[list[int]], specs: list[EngineSpec], base: EngineConfig, *,
+              warmup_prompts: list[list[int]] | None = None, labels: np.ndarray | None = None,
+              max_model_len: int | None = None, model_note: str = "", progress: bool = False,
+              trust_remote_code: bool = False, on_engine=None) -> BenchReport:
+    """Time each engine on the same prompts (see module doc). An engine that fails is reported, not fatal.
+
+    `on_engine(figures)` is called as soon as each engine is done (bench_stage logs its metrics then),
+    so a bench killed at a time limit keeps the figures of the engines that finished."""
+    import traceback
+
+    from .scoring import Scorer
+
+    checkpoint = Path(checkpoint)
+    card = card_name()
+    matmul, matmul_what = measured_matmul_tflops()
+    peak = card_peak_tflops(card, "bf16")
+    _, params = count_params(checkpoint)  # matmul weights every prompt token runs through
+    tokens = sum(len(p) for p in prompts)
+    max_model_len = max_model_len or max(len(p) for p in [*prompts, *(warmup_prompts or [])]) + 8
+    figures, probs = [], {}
+    for spec in specs:
+        fig = EngineFigures(spec.label, spec.backend)
+        figures.append(fig)
+        try:
+            engine = engine_config(base, spec)
+            ckpt = Path(spec.model) if spec.model else checkpoint
+            with Scorer(ckpt, engine, max_model_len=max_model_len, trust_remote_code=trust_remote_code) as scorer:
+                fig.startup_seconds = scorer.startup_seconds
+                if warmup_prompts:
+                    scorer.score(warmup_prompts, progress=False)
+                result = scorer.score(prompts, progress=progress)
+            fig.seconds, fig.samples_per_s, fig.tokens_per_s = result.seconds, result.samples_per_s, result.tokens_per_s
+            achieved = 2.0 * params * result.tokens_per_s / 1e12
+            fig.mfu_matmul = achieved / matmul
+            if peak:
+                fig.mfu_peak = achieved / peak
+            probs[spec.label] = result.probs
+            if labels is not None:
+                from .metrics import preference_metrics
+
+                fig.log_loss = preference_metrics(result.probs, labels)["log_loss"]
+        except Exception as err:  # noqa: BLE001 - one engine's failure is a figure of the bench
+            fig.error = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}"
+            print(f"bench: engine {spec.label} failed: {type(err).__name__}: {err}")
+        finally:
+            _free_cuda()
+        if not fig.error:
+            print(f"bench: {spec.label}: {fig.samples_per_s:.2f} samples/s, {fig.tokens_per_s:.0f} tokens/s, "
+                  f"MFU {100 * fig.mfu_matmul:.1f}% of the measured matmul, start-up {fig.startup_seconds:.1f} s",
+                  flush=True)
+        if on_engine is not None:
+            on_engine(fig)
+    reference = next(iter(probs), "")
+    for fig in figures:
+        if fig.label in probs and reference:
+            fig.max_prob_diff = float(np.abs(probs[fig.label] - probs[reference]).max())
+    return BenchReport(card, model_note or str(checkpoint), params, len(prompts), tokens, peak, matmul,
+                       matmul_what, reference, figures, probs)
+
+
+def choose_precision(figures: dict[str, tuple[float, float]], baseline: str, tolerance: float = 0.005) -> str:
+    """The fastest precision whose log-loss change vs `baseline` is <= tolerance.
+
+    `figures`: precision -> (samples_per_s, log_loss); the baseline itself always qualifies."""
+    base_loss = figures[baseline][1]
+    ok = {k: v for k, v in figures.items() if k == baseline or abs(v[1] - base_loss) <= tolerance}
+    return max(ok, key=lambda k: ok[k][0])
+
+
+def bench_stage(recipe: Recipe, model: str = "", rows: int = 64, engines: str = "", synthetic: str = "",
+                warmup: int = 8) -> BenchReport:
+    """CLI `arenaflow bench`: one MLflow run, metrics per engine, the table printed and logged."""
+    import tempfile
+
+    import mlflow
+
+    from .models import load_tokenizer
+    from .pipeline import evaluation_rows, subsample
+    from .prompts import PromptBuilder
+    from .tracking import stage_run
+
+    specs = [parse_engine_spec(s) for s in (engines.split(",") if engines.strip() else DEFAULT_ENGINES)]
+    reference = model or recipe.model.base
+    checkpoint, note = resolve_bench_model(reference)
+    tokenizer = load_tokenizer(checkpoint, recipe.model.trust_remote_code)
+    builder = PromptBuilder(tokenizer, recipe.prompt)
+    labels = None
+    if synthetic:
+        n, lo, hi = synthetic_lengths(synthetic)
+        prompts = synthetic_prompts(n, lo, hi, len(tokenizer), builder.suffix, seed=1)
+        warm = synthetic_prompts(warmup, lo, hi, len(tokenizer), builder.suffix, seed=2) if warmup else None
+        data_note = f"{n} synthetic prompts of {lo}-{hi} tokens"
+    else:
+        _, valid = evaluation_rows(recipe, "")
+        chosen = subsample(valid, rows, recipe.data.seed)
+        prompts = builder.build_rows(chosen)
+        labels = chosen["label"].to_numpy() if (chosen["label"] >= 0).all() else None
+        others = valid.drop(chosen.index)
+        if warmup and len(others):
+            warm = builder.build_rows(subsample(others, warmup, recipe.data.seed))
+        elif warmup:  # every row is timed: warm up on random prompts of the same lengths instead
+            lengths = sorted(len(p) for p in prompts)
+            warm = synthetic_prompts(warmup, lengths[0], lengths[-1], len(tokenizer), builder.suffix, seed=2)
+        else:
+            warm = None
+        data_note = f"{len(prompts)} real valid rows (prompt builder, max_length {recipe.prompt.max_length})"
+    with stage_run(recipe, "bench", model=reference, precision=recipe.engine.dtype) as run:
+        mlflow.set_tags({"bench_model_note": f"{note}; {data_note}", "bench_engines": ",".join(s.label for s in specs)})
+
+        def log_engine(fig: EngineFigures) -> None:  # as each engine finishes: a killed bench keeps these
+            mlflow.log_metrics(fig.metrics())
+            if fig.error:
+                mlflow.set_tag(f"{metric_prefix(fig.label)}_error", fig.error[:4000])
+
+        report = run_bench(checkpoint, prompts, specs, recipe.engine, warmup_prompts=warm, labels=labels,
+                           max_model_len=recipe.engine.max_model_len, model_note=f"{note}; {data_note}",
+                           trust_remote_code=recipe.model.trust_remote_code, on_engine=log_engine)
+        mlflow.set_tags({"card": report.card, "bench_reference": report.reference})
+        metrics = {"matmul_tflops": report.matmul_tflops, "params": float(report.params),
+                   "rows": float(report.rows), "prompt_tokens": float(report.prompt_tokens)}
+        if report.peak_tflops:
+            metrics["peak_tflops"] = report.peak_tflops
+        for fig in report.engines:  # again, now with max_prob_diff against the reference engine
+            metrics.update(fig.metrics())
+        mlflow.log_metrics(metrics)
+        table = report.table()
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "bench.txt").write_text(table + "\n")
+            mlflow.log_artifact(str(Path(tmp) / "bench.txt"))
+        print(table)
+        print(f"(MLflow run {run.info.run_id})")
+        return report

@@ -1,0 +1,312 @@
+"""Capacity plan: does a recipe fit the chosen GPUs, and how long do N rows take?
+
+`plan(recipe, rows, gpu, count)` predicts, per GPU, the memory of weights + KV cache + activations +
+runtime overhead under the recipe's parallelism (`engine.tensor_parallel_size` x
+`engine.data_parallel_size`), and the wall time for `rows` rows from the token-length distribution of
+the recipe's data (the prompt builder's lengths at the recipe's `prompt.max_length`; when the recipe's
+files are not here - the 34B recipe's Kaggle train.csv - the bundled `data/` at that max_length).
+
+Time is a roofline per engine step (vLLM packs `max_num_batched_tokens` prompt tokens per step):
+max(FLOPs / the card's dense rate for the compute precision, bytes read / memory bandwidth), plus the
+tensor-parallel all-reduces over the GPUs' link, all divided by `EFFICIENCY`, the share of the
+roofline that vLLM reached in `arenaflow bench` (value and source: BENCHMARKS.md).
+
+Model dimensions come from the checkpoint's config.json when it is local, else from `ARCHITECTURES`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .recipe import Recipe
+
+# Achieved share of the roofline (compute-bound prefill) for vLLM 0.24 on an 8B bf16 model, ~1k-token
+# prompts: 42.5 samples/s measured on an H200 (docs DEVICE.md, 2026-11-27) over this module's roofline
+# of 68.8 samples/s for those dims and lengths. Source and caveats: BENCHMARKS.md, "plan calibration".
+EFFICIENCY = 0.62
+ROWS_DEFAULT = 25_000
+
+
+@dataclass(frozen=True)
+class Dims:
+    """What the plan needs of a decoder-only transformer."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool = False
+
+    @property
+    def layer_params(self) -> int:
+        """Matmul weights run by every token: attention q,k,v,o + gated MLP (gate, up, down), all layers."""
+        attn = self.hidden * self.head_dim * (self.heads + 2 * self.kv_heads) + self.heads * self.head_dim * self.hidden
+        return self.layers * (attn + 3 * self.hidden * self.intermediate)
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def params(self) -> int:
+        return self.layer_params + self.embedding_params + self.layers * 2 * self.hidden + self.hidden
+
+    def kv_bytes_per_token(self, dtype_bytes: float = 2.0) -> float:
+        return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
+
+    def flops_per_prompt(self, length: int) -> float:
+        """Forward FLOPs of a prompt: 2 x matmul weights per token, causal attention (QK^T and AV), and
+        the LM head at the last position only (what vLLM and the sorted transformers scorer do)."""
+        attention = 2 * 2 * self.layers * self.heads * self.head_dim * length * (length + 1) / 2
+        return 2.0 * self.layer_params * length + attention + 2.0 * self.vocab * self.hidden
+
+    def to_config(self) -> dict:
+        """A LlamaConfig-style dict (for building a random model with these dims)."""
+        return dict(hidden_size=self.hidden, intermediate_size=self.intermediate,
+                    num_hidden_layers=self.layers, num_attention_heads=self.heads,
+                    num_key_value_heads=self.kv_heads, head_dim=self.head_dim, vocab_size=self.vocab,
+                    tie_word_embeddings=self.tied)
+
+
+# Published configs (config.json of each model on the hub).
+ARCHITECTURES: dict[str, Dims] = {
+    "yi-1.5-34b": Dims(7168, 20480, 60, 56, 8, 128, 64000),
+    "llama-3-8b": Dims(4096, 14336, 32, 32, 8, 128, 128256),
+    "llama-3-70b": Dims(8192, 28672, 80, 64, 8, 128, 128256),
+    "qwen2.5-7b": Dims(3584, 18944, 28, 28, 4, 128, 152064),
+    "gemma-2-9b": Dims(3584, 14336, 42, 16, 8, 256, 256000, tied=True),
+    "smollm2-135m": Dims(576, 1536, 30, 9, 3, 64, 49152, tied=True),
+}
+_ALIASES = {"yi-1.5-34b": "yi-1.5-34b", "yi-34b": "yi-1.5-34b", "llama-3-8b": "llama-3-8b",
+            "llama3-8b": "llama-3-8b", "llama-3.1-8b": "llama-3-8b", "llama-3-70b": "llama-3-70b",
+            "llama3-70b": "llama-3-70b", "llama-3.1-70b": "llama-3-70b", "qwen2.5-7b": "qwen2.5-7b",
+            "gemma-2-9b": "gemma-2-9b", "smollm2-135m": "smollm2-135m", "smollm2": "smollm2-135m"}
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    memory_gib: float  # what the card reports as total (what vLLM's gpu_memory_utilization multiplies)
+    bandwidth_gbs: float  # HBM/GDDR GB/s
+    tflops: dict  # dense TFLOP/s (TOP/s for int8) by compute precision
+    link_gbs: float  # GPU-to-GPU bytes/s per direction that an all-reduce sees, GB/s
+
+
+# Vendor datasheets, dense (no sparsity). A T4 has no bf16 units: bf16 runs at its fp32 rate.
+GPUS: dict[str, Gpu] = {
+    "T4": Gpu("T4", 15.0, 320, {"fp16": 65, "bf16": 8.1, "int8": 130, "fp32": 8.1}, 8),
+    "L4": Gpu("L4", 22.0, 300, {"fp16": 121, "bf16": 121, "fp8": 242, "int8": 242, "fp32": 30}, 20),
+    "A100-40GB": Gpu("A100-40GB", 39.4, 1555, {"fp16": 312, "bf16": 312, "int8": 624, "fp32": 19.5}, 250),
+    "A100": Gpu("A100", 79.2, 2039, {"fp16": 312, "bf16": 312, "int8": 624, "fp32": 19.5}, 250),
+    "H100": Gpu("H100", 79.2, 3350, {"fp16": 989, "bf16": 989, "fp8": 1979, "int8": 1979, "fp32": 67}, 400),
+    "H200": Gpu("H200", 139.8, 4800, {"fp16": 989, "bf16": 989, "fp8": 1979, "int8": 1979, "fp32": 67}, 400),
+}
+
+
+class PlanError(ValueError):
+    """A plan that cannot be made (unknown GPU/model, more GPUs asked of than there are)."""
+
+
+def gpu_spec(name: str) -> Gpu:
+    """'T4', 'h100', 'NVIDIA H100 80GB HBM3', 'NVIDIA H200' -> the table entry."""
+    key = name.upper().replace("NVIDIA", "").strip()
+    if key in GPUS:
+        return GPUS[key]
+    for candidate in sorted(GPUS, key=len, reverse=True):
+        if candidate in key.replace(" ", "-") or candidate in key.split():
+            if candidate == "A100" and "40" in key:
+                return GPUS["A100-40GB"]
+            return GPUS[candidate]
+    raise PlanError(f"unknown GPU {name!r}; known: {sorted(GPUS)}")
+
+
+def dims_from_config(config: dict) -> Dims:
+    cfg = config.get("text_config", config)
+    heads = cfg["num_attention_heads"]
+    return Dims(cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], heads,
+                cfg.get("num_key_value_heads") or heads, cfg.get("head_dim") or cfg["hidden_size"] // heads,
+                cfg["vocab_size"], bool(cfg.get("tie_word_embeddings", False)))
+
+
+def model_dims(reference: str) -> tuple[Dims, str]:
+    """Dims of a model reference, and where they came from (a local config.json, or the table)."""
+    local = Path(reference).expanduser()
+    if (local / "config.json").exists():
+        return dims_from_config(json.loads((local / "config.json").read_text())), f"{local}/config.json"
+    name = reference.lower().removeprefix("gguf:").removeprefix("random:").split("/")[-1]
+    for alias in sorted(_ALIASES, key=len, reverse=True):
+        if name.startswith(alias) or alias in name:
+            return ARCHITECTURES[_ALIASES[alias]], f"table ({_ALIASES[alias]})"
+    raise PlanError(f"no dimensions for model {reference!r}: not a local checkpoint and not one of "
+                    f"{sorted(ARCHITECTURES)}")
+
+
+# weight bits (incl. per-group scales), compute precision
+def precision_of(recipe: Recipe) -> tuple[str, float, str]:
+    """(label, bits per matmul weight, compute precision) of the recipe's engine."""
+    dtype = recipe.engine.dtype
+    act = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(dtype, "bf16")
+    online = getattr(recipe.engine, "quantization", None)
+    if online == "fp8":
+        return "fp8-w8a8", 8.0, "fp8"
+    scheme = recipe.quant.scheme
+    if scheme in ("W4A16", "W8A16"):
+        bits = int(scheme[1])
+        group = recipe.quant.group_size
+        return scheme, bits + (16 / group if group > 0 else 0), act
+    return act, 32.0 if act == "fp32" else 16.0, act
+
+
+def prompt_lengths(recipe: Recipe, max_rows: int | None = 4000) -> tuple[np.ndarray, str]:
+    """Token lengths of the recipe's prompts (prompt builder), or of the bundled data if its files are absent."""
+    from . import data as data_mod
+    from .models import load_tokenizer, resolve_model
+    from .prompts import PromptBuilder
+
+    roots = [Path.cwd(), Path(__file__).resolve().parents[2]]  # the project root (cwd), or the source tree's
+    found = [next((str(r / f) for r in roots if (r / f).exists()), None) for f in recipe.data.files]
+    files = [f for f in found if f]
+    source = ",".join(recipe.data.files)
+    if not files:
+        bundled = next((r / "data" for r in roots if list((r / "data").glob("*.csv"))), None)
+        if bundled is None:
+            raise PlanError(f"no prompt lengths: the recipe's {recipe.data.files} and the bundled data/ are absent")
+        files = sorted(str(p) for p in bundled.glob("*.csv"))
+        source = f"bundled data ({', '.join(Path(f).name for f in files)}; the recipe's {recipe.data.files} are absent)"
+    rows = data_mod.read_prepared(files[0]) if len(files) == 1 else None
+    if rows is None:
+        import pandas as pd
+
+        rows = pd.concat([data_mod.read_prepared(f) for f in files], ignore_index=True)
+    if max_rows and len(rows) > max_rows:
+        rows = rows.sample(n=max_rows, random_state=0)
+    try:  # the recipe's own tokenizer when it is local, else SmolLM2's (lengths then approximate)
+        checkpoint = resolve_model(recipe.model.base) if Path(recipe.model.base).exists() or \
+            recipe.model.base.startswith(("gguf:", "tiny:")) else resolve_model("gguf:smollm2-135m-instruct")
+    except Exception:  # noqa: BLE001 - no hub here: fall back to the embedded tokenizer
+        checkpoint = resolve_model("gguf:smollm2-135m-instruct")
+    builder = PromptBuilder(load_tokenizer(checkpoint), recipe.prompt)
+    lengths = np.array([len(p) for p in builder.build_rows(rows)])
+    return lengths, f"{source}, tokenizer {Path(checkpoint).name}, max_length {recipe.prompt.max_length}"
+
+
+@dataclass
+class Plan:
+    model: str
+    dims_source: str
+    gpu: Gpu
+    count: int
+    tp: int
+    dp: int
+    precision: str
+    memory_gib: dict  # per GPU: weights, kv_cache, activations, overhead, total, capacity
+    fits: bool
+    rows: int
+    mean_tokens: float
+    seconds_per_row: float
+    hours: float
+    bound: str  # compute / memory
+    efficiency: float
+    lengths_source: str
+    notes: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        m = self.memory_gib
+        lines = [
+            f"plan: {self.model} ({self.dims_source}) on {self.count}x {self.gpu.name}, "
+            f"tensor parallel {self.tp} x data parallel {self.dp}, {self.precision}",
+            f"  memory per GPU (GiB): weights {m['weights']:.2f} + KV cache {m['kv_cache']:.2f} + activations "
+            f"{m['activations']:.2f} + overhead {m['overhead']:.2f} = {m['total']:.2f} of {m['capacity']:.2f} "
+            f"usable -> {'FITS' if self.fits else 'DOES NOT FIT'}",
+            f"  time: {self.rows} rows x {self.mean_tokens:.0f} mean prompt tokens ({self.lengths_source}); "
+            f"{self.bound}-bound; efficiency {self.efficiency:.2f} -> {self.seconds_per_row:.3f} s/row "
+            f"(all GPUs), {self.hours:.2f} h",
+        ]
+        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+
+def make_plan(dims: Dims, lengths, *, gpu: Gpu, count: int, tp: int = 1, dp: int = 1, weight_bits: float = 16.0,
+              compute: str = "bf16", rows: int = ROWS_DEFAULT, max_num_batched_tokens: int = 8192,
+              max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
+              efficiency: float = EFFICIENCY, model: str = "?", dims_source: str = "?",
+              precision: str | None = None, lengths_source: str = "given") -> Plan:
+    """The plan for explicit dims, token lengths and hardware (see module doc)."""
+    if tp * dp > count:
+        raise PlanError(f"tensor_parallel_size {tp} x data_parallel_size {dp} needs {tp * dp} GPUs, {count} given")
+    notes = []
+    if tp * dp < count:
+        notes.append(f"{count - tp * dp} GPU(s) stay idle: raise data_parallel_size")
+    if compute not in gpu.tflops:
+        notes.append(f"{gpu.name} has no {compute} matmul units: planned at its fp32 rate")
+    rate = gpu.tflops.get(compute, gpu.tflops["fp32"]) * 1e12
+    lengths = np.asarray(lengths, dtype=float)
+    max_model_len = max_model_len or int(lengths.max()) + 8
+
+    # Memory per GPU. Matmul weights at weight_bits; embeddings and LM head stay 16-bit.
+    weights = (dims.layer_params * weight_bits / 8 + dims.embedding_params * 2) / tp
+    kv_tokens = max(max_num_batched_tokens, max_model_len)  # vLLM refuses to start below one full sequence
+    kv_heads_per_gpu = max(dims.kv_heads // tp, 1)
+    kv = 2 * dims.layers * kv_heads_per_gpu * dims.head_dim * 2 * kv_tokens
+    step = max_num_batched_tokens
+    activations = step * 2 * (dims.hidden * 4 + 2 * dims.intermediate / tp + dims.head_dim * (dims.heads + 2 * dims.kv_heads) / tp)
+    overhead = 0.6 * 2**30 + 0.05 * gpu.memory_gib * 2**30  # CUDA context, NCCL, cuBLAS workspace, CUDA graphs
+    total = weights + kv + activations + overhead
+    capacity = gpu.memory_gib * 2**30 * gpu_memory_utilization
+    fits = total <= capacity
+    memory = {k: v / 2**30 for k, v in dict(weights=weights, kv_cache=kv, activations=activations,
+                                               overhead=overhead, total=total, capacity=capacity).items()}
+
+    # Time: per engine step of `step` tokens, one engine spanning tp GPUs; dp engines in parallel.
+    flops = sum(dims.flops_per_prompt(int(n)) for n in lengths) / len(lengths)  # per row
+    tokens = lengths.mean()
+    steps_per_row = tokens / step
+    compute_s = flops / (rate * tp)
+    memory_s = steps_per_row * (weights + kv) / (gpu.bandwidth_gbs * 1e9)  # weights (per GPU) once per step
+    # Two all-reduces of the hidden state per layer; a ring over tp GPUs moves 2(tp-1)/tp of it per GPU.
+    comm_s = 0.0 if tp == 1 else tokens * dims.layers * 2 * dims.hidden * 2 * 2 * (tp - 1) / tp / (gpu.link_gbs * 1e9)
+    bound = "compute" if compute_s >= memory_s else "memory"
+    per_row = (max(compute_s, memory_s) + comm_s) / efficiency / dp
+    if tp > 1:
+        notes.append(f"tensor-parallel all-reduce over a {gpu.link_gbs:.0f} GB/s link: {comm_s * 1e3:.1f} ms/row")
+    return Plan(model, dims_source, gpu, count, tp, dp, precision or f"{weight_bits:g}-bit weights, {compute}",
+                memory, fits, rows, float(tokens), per_row, rows * per_row / 3600, bound, efficiency,
+                lengths_source, notes)
+
+
+def plan(recipe: Recipe, rows: int = ROWS_DEFAULT, gpu: str = "T4", count: int = 2, model: str = "",
+         lengths=None) -> Plan:
+    """The plan of a recipe (its model, precision, engine settings, data lengths) on `count` x `gpu`."""
+    reference = model or recipe.model.base
+    dims, source = model_dims(reference)
+    label, bits, compute = precision_of(recipe)
+    lengths_source = "given"
+    if lengths is None:
+        lengths, lengths_source = prompt_lengths(recipe)
+    e = recipe.engine
+    return make_plan(dims, lengths, gpu=gpu_spec(gpu), count=count, tp=e.tensor_parallel_size,
+                     dp=e.data_parallel_size, weight_bits=bits, compute=compute, rows=rows,
+                     max_num_batched_tokens=e.max_num_batched_tokens or 8192,
+                     max_model_len=e.max_model_len or recipe.prompt.max_length + 8,
+                     gpu_memory_utilization=e.gpu_memory_utilization, model=reference, dims_source=source,
+                     precision=f"{label} (compute {compute})", lengths_source=lengths_source)
+
+
+def plan_stage(recipe: Recipe, rows: int = ROWS_DEFAULT, gpu: str = "T4", count: int = 2, model: str = "") -> Plan:
+    """CLI `arenaflow plan`: print the plan (no MLflow run: nothing is executed)."""
+    result = plan(recipe, rows=rows, gpu=gpu, count=count, model=model)
+    print(result.table())
+    return result
+
+
+def predicted_samples_per_s(dims: Dims, lengths, gpu: str, **kwargs) -> float:
+    """Rows/s the plan predicts on one `gpu` (for checking against `arenaflow bench`)."""
+    p = make_plan(dims, lengths, gpu=gpu_spec(gpu), count=1, **kwargs)
+    return 1.0 / p.seconds_per_row if p.seconds_per_row > 0 else math.inf
