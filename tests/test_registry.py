@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import mlflow
@@ -14,36 +13,6 @@ from arenaflow import registry
 from arenaflow.registry import RegistryError
 
 NAME = "arenaflow-test"
-
-
-@pytest.fixture(scope="module")
-def empty_db(tmp_path_factory) -> Path:
-    """An initialised, empty MLflow sqlite file (creating the tables takes seconds: done once, copied)."""
-    root = tmp_path_factory.mktemp("mlflow-template")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)  # the Default experiment's artifact root is fixed here as <cwd>/mlruns: keep it in tmp
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        client.search_experiments()
-        client.search_registered_models()
-    assert client.get_experiment("0").artifact_location.startswith(str(root))
-    return root / "mlflow.db"
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch, empty_db):
-    """Tracking + registry in a fresh copy of `empty_db` in tmp_path; globals restored after."""
-    monkeypatch.chdir(tmp_path)
-    shutil.copyfile(empty_db, tmp_path / "mlflow.db")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)  # mlflow.set_registry_uri writes it
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    uri = registry.setup_tracking()
-    yield uri
-    if mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
 
 
 def fake_checkpoint(root: Path, tag: str) -> Path:
@@ -150,7 +119,6 @@ def test_promotion_rules(store, tmp_path):
 
 
 def test_promotion_tag_failure_puts_alias_back(store, tmp_path, monkeypatch):
-    client = MlflowClient()
     v1 = register(tmp_path, "one", log_loss=1.0)
     registry.promote(NAME, v1)
     v2 = register(tmp_path, "two", log_loss=0.5)

@@ -60,7 +60,7 @@ def stage_run(recipe: Recipe, stage: str, model: str | None = None, precision: s
     setup_tracking()
     model = model or recipe.model.base
     precision = precision or precision_of(recipe, stage)
-    if not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+    if not os.environ.get("MLFLOW_RUN_ID"):  # (set_experiment itself exports MLFLOW_EXPERIMENT_ID)
         mlflow.set_experiment(recipe.name)
     run_name = f"{stage} {model_short_name(model)} {recipe.name} {precision}"
     with mlflow.start_run(run_name=run_name, nested=mlflow.active_run() is not None) as run:

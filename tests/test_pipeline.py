@@ -1,0 +1,165 @@
+"""The stages end to end on the tiny model (transformers engine: fast) in a throwaway MLflow store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from arenaflow import cli, pipeline, registry
+from arenaflow.recipe import load_recipe
+from arenaflow.tracking import stage_run
+
+ROOT = Path(__file__).resolve().parents[1]
+MTBENCH = ROOT / "data" / "mtbench_human_turn1.csv"
+PANDALM = ROOT / "data" / "pandalm_test.csv"
+RECIPE = str(ROOT / "experiments" / "cpu-smollm2.yaml")
+TINY = [f"data.files={MTBENCH},{PANDALM}", "model.base=tiny:llama", "engine.backend=transformers",
+        "train.max_valid_rows=16", "prompt.max_length=128", "engine.shard_rows=8"]
+
+
+@pytest.fixture
+def recipe():
+    return load_recipe(RECIPE, TINY)
+
+
+@pytest.fixture
+def champion(store, recipe, tiny_checkpoint):
+    """The tiny checkpoint registered, evaluated and promoted: models:/arenaflow@champion exists."""
+    with stage_run(recipe, "quantize", model="tiny:llama"):
+        version = str(registry.register_checkpoint(tiny_checkpoint, recipe.registry.model_name,
+                                                   tags={"quantization": "none"}).version)
+    pipeline.evaluate(recipe, model=f"models:/{recipe.registry.model_name}/{version}")
+    assert pipeline.promote(recipe, version).promoted
+    return version
+
+
+def test_datagen_logs_datasets_and_keeps_every_row(store, tmp_path):
+    assert cli.main(["datagen", "--recipe", RECIPE,
+                     "--set", f"data.files={MTBENCH},{PANDALM}"]) == 0
+    (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("cpu-smollm2").experiment_id])
+    metrics = run.data.metrics
+    assert metrics["rows_in"] == 2688 == metrics["rows_train"] + metrics["rows_valid"]
+    assert metrics["rows_train_augmented"] == 2 * metrics["rows_train"]
+    contexts = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(contexts) == {"training", "validation"}
+    assert contexts["validation"].digest == run.data.tags["valid_digest"]
+    assert json.loads(contexts["training"].profile)["num_rows"] == metrics["rows_train_augmented"]
+    assert run.data.params["data.swap_augment"] == "True" and run.data.tags["stage"] == "datagen"
+    folder = pipeline.fetch_artifacts(f"runs:/{run.info.run_id}/data")
+    assert len(pd.read_parquet(folder / "valid.parquet")) == metrics["rows_valid"]
+
+
+def test_malformed_input_fails_with_file_row_column(store, tmp_path, capsys):
+    frame = pd.read_csv(MTBENCH, dtype=str, keep_default_na=False).head(10)
+    frame.loc[3, "response_b"] = "[broken"
+    frame.to_csv(tmp_path / "broken.csv", index=False)
+    assert cli.main(["datagen", "--recipe", RECIPE, "--input", str(tmp_path / "broken.csv")]) == 2
+    assert "broken.csv, row 4 (id=3), column 'response_b'" in capsys.readouterr().err
+
+
+def test_infer_without_champion_says_how_to_make_one(store, capsys):
+    assert cli.main(["infer", "--recipe", RECIPE, "--input", str(PANDALM), "--output", "out.csv"]) == 2
+    error = capsys.readouterr().err
+    assert "arenaflow@champion" in error and "mlflow run . -e main" in error
+
+
+def test_evaluate_tags_version_and_logs_figures(champion, recipe):
+    name = recipe.registry.model_name
+    tags = MlflowClient().get_model_version(name, champion).tags
+    assert 0 < float(tags["log_loss"]) < 5 and tags["eval_dataset_digest"]
+    (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name(recipe.name).experiment_id],
+                                       filter_string="tags.stage = 'evaluate'")
+    for key in ("log_loss", "accuracy", "samples_per_s", "tokens_per_s", "length_baseline_log_loss",
+                "class_prior_log_loss", "mean_p_tie"):
+        assert key in run.data.metrics, key
+    artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "plots")}
+    assert artifacts == {"plots/calibration.png", "plots/confusion_matrix.png"}
+    assert run.info.run_name == f"evaluate {name}-v{champion} cpu-smollm2 float32"
+
+
+def kaggle_test_file(tmp_path: Path, n: int = 20) -> Path:
+    """Unlabelled rows in a shuffled id order, like Kaggle's test.csv."""
+    frame = pd.read_csv(PANDALM, dtype=str, keep_default_na=False).sample(n, random_state=1)
+    frame = frame[["id", "prompt", "response_a", "response_b"]]
+    path = tmp_path / "test.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_infer_writes_a_valid_submission_in_input_order(champion, recipe, tmp_path):
+    test = kaggle_test_file(tmp_path)
+    out = pipeline.infer(recipe, str(test), str(tmp_path / "submission.csv"))
+    submission = pd.read_csv(out, dtype={"id": str})
+    assert list(submission.columns) == ["id", "winner_model_a", "winner_model_b", "winner_tie"]
+    assert list(submission["id"]) == list(pd.read_csv(test, dtype=str)["id"])
+    np.testing.assert_allclose(submission.iloc[:, 1:].sum(axis=1), 1.0, atol=1e-9)
+    assert not (tmp_path / "submission.csv.shards").exists()
+    (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name(recipe.name).experiment_id],
+                                       filter_string="tags.stage = 'infer'")
+    assert run.data.metrics["rows"] == 20 and run.data.metrics["projected_hours_25k_rows"] > 0
+
+
+def test_killed_infer_resumes_to_the_identical_file(champion, recipe, tmp_path, monkeypatch):
+    test = kaggle_test_file(tmp_path, n=30)  # 4 shards of 8 rows
+    clean = pipeline.infer(recipe, str(test), str(tmp_path / "clean.csv")).read_bytes()
+
+    real_predict, calls = pipeline.predict, []
+
+    def dies_on_third_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_predict(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "predict", dies_on_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.infer(recipe, str(test), str(tmp_path / "resumed.csv"))
+    assert len(list((tmp_path / "resumed.csv.shards").glob("shard_*.npy"))) == 2
+    monkeypatch.setattr(pipeline, "predict", real_predict)
+    resumed = pipeline.infer(recipe, str(test), str(tmp_path / "resumed.csv"))
+    assert resumed.read_bytes() == clean
+    last = MlflowClient().search_runs([mlflow.get_experiment_by_name(recipe.name).experiment_id],
+                                      filter_string="tags.stage = 'infer'", order_by=["attributes.start_time DESC"])[0]
+    assert last.data.metrics["rows_resumed"] == 16 and last.data.metrics["rows_scored_this_run"] == 14
+
+
+def test_finetune_then_quantize_registers_a_tagged_version(store, recipe, tmp_path):
+    small = load_recipe(ROOT / "experiments" / "cpu-smollm2.yaml",
+                        TINY + ["train.max_train_rows=8", "train.batch_size=4", "train.gradient_accumulation_steps=1",
+                                "quant.method=rtn", "quant.group_size=32", "train.load_in_4bit=false"])
+    finetune_run = pipeline.finetune(small)
+    metrics = MlflowClient().get_run(finetune_run).data.metrics
+    assert {"base_log_loss", "log_loss", "train_loss"} <= set(metrics)
+    version = pipeline.quantize(small, adapter=f"runs:/{finetune_run}/adapter")
+    tags = MlflowClient().get_model_version(small.registry.model_name, version).tags
+    assert tags["quantization"] == "W4A16" and "quant_log_loss_delta" in tags and "merged_log_loss" in tags
+    checkpoint = registry.resolve_model_uri(f"models:/{small.registry.model_name}/{version}")
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+
+
+def test_main_reuses_only_finished_runs_with_same_params_and_commit(store):
+    client = MlflowClient()
+    experiment = client.create_experiment("reuse")
+
+    def run(params, commit="abc", status="FINISHED"):
+        created = client.create_run(experiment, tags={"mlflow.project.entryPoint": "datagen",
+                                                      "mlflow.source.git.commit": commit})
+        for key, value in params.items():
+            client.log_param(created.info.run_id, key, value)
+        client.set_terminated(created.info.run_id, status=status)
+        return created.info.run_id
+
+    wanted = {"recipe": "experiments/cpu-smollm2.yaml", "overrides": ""}
+    run(wanted, commit="old")
+    run(wanted, status="FAILED")
+    run({**wanted, "overrides": "train.epochs=2"})
+    assert pipeline._finished_run("datagen", wanted, "abc", experiment) is None
+    same = run(wanted)
+    assert pipeline._finished_run("datagen", wanted, "abc", experiment).info.run_id == same
