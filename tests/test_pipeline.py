@@ -39,10 +39,15 @@ def champion(store, recipe, tiny_checkpoint):
     return version
 
 
-def test_datagen_logs_datasets_and_keeps_every_row(store, tmp_path):
+def run_datagen() -> str:
     assert cli.main(["datagen", "--recipe", RECIPE,
                      "--set", f"data.files={MTBENCH},{PANDALM}"]) == 0
     (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("cpu-smollm2").experiment_id])
+    return run.info.run_id
+
+
+def test_datagen_logs_datasets_and_keeps_every_row(store):
+    run = MlflowClient().get_run(run_datagen())
     metrics = run.data.metrics
     assert metrics["rows_in"] == 2688 == metrics["rows_train"] + metrics["rows_valid"]
     assert metrics["rows_train_augmented"] == 2 * metrics["rows_train"]
@@ -53,6 +58,11 @@ def test_datagen_logs_datasets_and_keeps_every_row(store, tmp_path):
     assert run.data.params["data.swap_augment"] == "True" and run.data.tags["stage"] == "datagen"
     folder = pipeline.fetch_artifacts(f"runs:/{run.info.run_id}/data")
     assert len(pd.read_parquet(folder / "valid.parquet")) == metrics["rows_valid"]
+
+
+def test_stages_read_a_datagen_output(store, recipe):
+    figures = pipeline.evaluate(recipe, input=f"runs:/{run_datagen()}/data", model="tiny:llama")
+    assert figures["rows"] == 16
 
 
 def test_malformed_input_fails_with_file_row_column(store, tmp_path, capsys):

@@ -83,7 +83,12 @@ def log_rows_dataset(rows: pd.DataFrame, source: str | Path, name: str, context:
     for column in TEXT_COLUMNS:
         flat[column] = [json.dumps(list(v), ensure_ascii=False) for v in rows[column]]
     targets = "label" if (rows["label"] >= 0).any() else None
-    dataset = mlflow.data.from_pandas(flat, source=str(source), name=name, targets=targets)
+    source = str(source)
+    if source.startswith("runs:/"):  # MLflow datasets know no runs:/ source: name the artifact location
+        from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+
+        source = RunsArtifactRepository.get_underlying_uri(source)
+    dataset = mlflow.data.from_pandas(flat, source=source, name=name, targets=targets)
     mlflow.log_input(dataset, context=context)
     return dataset.digest
 
