@@ -57,6 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("main", help="datagen -> finetune -> quantize -> evaluate -> promote -> infer")
     _common(p)
+
+    p = verbs.add_parser("bench", help="time every scoring engine on one model and one prompt set")
+    _common(p)
+    p.add_argument("--model", default="", help="checkpoint, gguf:…, tiny:llama, random:<arch> (e.g. random:llama-3-8b); default: the recipe's base")
+    p.add_argument("--rows", type=int, default=64, help="real valid rows to score (ignored with --synthetic)")
+    p.add_argument("--engines", default="", help="comma-separated [label=]backend[:key=value…] (default: all four backends)")
+    p.add_argument("--synthetic", default="", metavar="N:LO-HI", help="N random-token prompts of LO-HI tokens instead of real rows")
+    p.add_argument("--warmup", type=int, default=8, help="untimed prompts (not in the timed set) per engine before timing")
+
+    p = verbs.add_parser("plan", help="predict memory fit and wall time of a recipe on N GPUs")
+    _common(p)
+    p.add_argument("--rows", type=int, default=25_000, help="rows to score")
+    p.add_argument("--gpu", default="T4", help="T4, L4, A100, A100-40GB, H100, H200")
+    p.add_argument("--count", type=int, default=2, help="GPUs in the machine")
+    p.add_argument("--model", default="", help="model reference (default: the recipe's base)")
     return parser
 
 
@@ -70,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .models import ModelError
     from .prompts import PromptError
+    from .bench import BenchError
+    from .plan import PlanError
     from .registry import RegistryError
     from .scoring import ScoringError
 
@@ -80,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "main":
             kwargs["overrides"] = args.overrides  # handed down to every step
         handler(recipe, **kwargs)
-    except (RecipeError, DataError, ModelError, PromptError, RegistryError, ScoringError, FileNotFoundError) as err:
+    except (RecipeError, DataError, ModelError, PromptError, RegistryError, ScoringError, BenchError, PlanError,
+            FileNotFoundError) as err:
         print(f"arenaflow {args.verb}: error: {err}", file=sys.stderr)
         return 2
     return 0

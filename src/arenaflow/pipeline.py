@@ -43,7 +43,7 @@ def datagen(recipe: Recipe, input: str = "", prompts_file: str = "") -> str:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "data"
             for split, rows, context in (("train", prepared.train, "training"), ("valid", prepared.valid, "validation")):
-                path = data_mod.write_parquet(rows, out / f"{split}.parquet")
+                data_mod.write_parquet(rows, out / f"{split}.parquet")
                 digest = log_rows_dataset(rows, source=",".join(map(str, files)), name=f"{recipe.name}-{split}",
                                           context=context)
                 mlflow.set_tag(f"{split}_digest", digest)
@@ -440,3 +440,17 @@ def main(recipe: Recipe, overrides: list[str] | None = None) -> None:
         print(f"main: base zero-shot log_loss {ft['base_log_loss']:.4f} -> finetuned {ft['log_loss']:.4f} -> "
               f"{recipe.quant.scheme} {ev['log_loss']:.4f} (length baseline {ev['length_baseline_log_loss']:.4f}); "
               f"{recipe.registry.model_name} v{version}: {promote_run.data.tags.get('decision', '')}")
+
+
+def bench(recipe: Recipe, model: str = "", rows: int = 64, engines: str = "", synthetic: str = "", warmup: int = 8):
+    """Time every scoring engine on one model and one prompt set (see bench.py); one MLflow run."""
+    from .bench import bench_stage
+
+    return bench_stage(recipe, model=model, rows=rows, engines=engines, synthetic=synthetic, warmup=warmup)
+
+
+def plan(recipe: Recipe, rows: int = ROWS_KAGGLE_TEST, gpu: str = "T4", count: int = 2, model: str = ""):
+    """Predict whether the recipe fits `count` x `gpu` and how long `rows` rows take (see plan.py)."""
+    from .plan import plan_stage
+
+    return plan_stage(recipe, rows=rows, gpu=gpu, count=count, model=model)

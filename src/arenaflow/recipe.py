@@ -78,6 +78,7 @@ class QuantConfig:
 class EngineConfig:
     backend: str = "vllm"  # vllm (logprobs), vllm-classify (pooling), transformers
     dtype: str = "auto"
+    quantization: str | None = None  # vLLM online quantization of a full-precision checkpoint: "fp8" (W8A8)
     max_model_len: int | None = None  # None: prompt.max_length + 8
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1  # independent engines, one per GPU, each on a shard of the rows

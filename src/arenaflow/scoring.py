@@ -167,6 +167,8 @@ class _VllmEngine:
         )
         if engine.max_num_batched_tokens:
             kwargs["max_num_batched_tokens"] = engine.max_num_batched_tokens
+        if engine.quantization:
+            kwargs["quantization"] = engine.quantization
         if _on_cuda():
             kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
         else:  # without an explicit size the CPU backend fails its memory check at start
@@ -255,6 +257,9 @@ class _TransformersEngine:
         import torch
         from transformers import AutoModelForCausalLM
 
+        if engine.quantization:
+            raise ScoringError(f"engine.quantization={engine.quantization!r} is a vLLM option; the transformers "
+                               "backends score the checkpoint as it is")
         if engine.dtype != "auto" and engine.dtype not in _TORCH_DTYPES:
             raise ScoringError(f"engine.dtype={engine.dtype!r}: expected auto or one of {sorted(_TORCH_DTYPES)}")
         dtype = "auto" if engine.dtype == "auto" else getattr(torch, _TORCH_DTYPES[engine.dtype])
