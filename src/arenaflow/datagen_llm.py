@@ -423,7 +423,7 @@ class Engines:
 
 def vllm_of(scorer):
     """The vLLM `LLM` behind a Scorer (logprob or classify backend, one engine)."""
-    llm = getattr(getattr(scorer, "_impl", None), "llm", None)
+    llm = scorer.llm
     if llm is None:
         raise DatagenError("respond needs a vLLM engine (engine.backend vllm, data_parallel_size 1)")
     return llm

@@ -479,6 +479,11 @@ class Scorer:
         return ScoreResult(probs=probs, seconds=time.perf_counter() - start,
                            startup_seconds=self.startup_seconds, prompt_tokens=sum(len(p) for p in prompts))
 
+    @property
+    def llm(self):
+        """The vLLM `LLM` behind a single-engine vLLM scorer (datagen generates with it), else None."""
+        return getattr(self._impl, "llm", None)
+
     def close(self) -> None:
         impl, self._impl = getattr(self, "_impl", None), None
         if impl is not None:
