@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("main", help="datagen -> finetune -> quantize -> evaluate -> promote -> infer")
     _common(p)
+    p.add_argument("--infer-input", default="data/sample_test.csv", help="rows the final infer step scores")
 
     p = verbs.add_parser("bench", help="time every scoring engine on one model and one prompt set")
     _common(p)

@@ -405,7 +405,7 @@ def _step(entry_point: str, parameters: dict, git_commit: str, experiment_id: st
     return MlflowClient().get_run(submitted.run_id)
 
 
-def main(recipe: Recipe, overrides: list[str] | None = None) -> None:
+def main(recipe: Recipe, overrides: list[str] | None = None, infer_input: str = "data/sample_test.csv") -> None:
     """datagen -> finetune -> quantize -> evaluate -> promote -> infer, each a nested MLflow run."""
     import mlflow
 
@@ -423,7 +423,7 @@ def main(recipe: Recipe, overrides: list[str] | None = None) -> None:
         model_uri = f"models:/{recipe.registry.model_name}/{version}"
         evaluate_run = _step("evaluate", {**common, "input": data, "model": model_uri}, commit, experiment_id)
         promote_run = _step("promote", {**common, "version": version}, commit, experiment_id)
-        infer_run = _step("infer", {**common, "input": f"{data}/valid.parquet", "model": "",
+        infer_run = _step("infer", {**common, "input": infer_input, "model": "",
                                     "output": str(Path(tempfile.gettempdir()) / f"arenaflow-main-{parent.info.run_id}.csv")},
                           commit, experiment_id)
         ft, ev = finetune_run.data.metrics, evaluate_run.data.metrics
