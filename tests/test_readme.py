@@ -28,3 +28,11 @@ def test_mlproject_declares_every_stage():
     assert {"datagen", "finetune", "quantize", "evaluate", "promote", "infer", "main"} <= set(entry_points)
     for name, entry in entry_points.items():
         assert entry["command"].startswith(f"arenaflow {name} "), name
+
+
+def test_conda_env_mirrors_the_pip_pins():
+    import yaml
+
+    pins = [l.strip() for l in ROOT.joinpath("requirements.txt").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    pip = next(d["pip"] for d in yaml.safe_load(ROOT.joinpath("conda.yaml").read_text())["dependencies"] if isinstance(d, dict))
+    assert set(pins) <= set(pip)
