@@ -143,19 +143,11 @@ def tiny_recipe(data: Path, work_dir: Path, **generate) -> Recipe:
                   generate=GenerateConfig(**{**settings, **generate}))
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-
-
 def test_generate_dataset_end_to_end(tiny_vllm, tiny_checkpoint, small_data, tmp_path, store):
     import mlflow
 
-    from arenaflow.registry import setup_tracking
-
     recipe = tiny_recipe(small_data, tmp_path / "work")
-    setup_tracking()
-    with mlflow.start_run() as run:
+    with mlflow.start_run() as run:  # `store` (conftest): a fresh tracking store, tracking set up
         ds = dg.generate_dataset(recipe, engines={tiny_checkpoint: tiny_vllm}, progress=False)
     c = ds.counts
     # no champion in this fresh store: the fallback teacher, with the reason

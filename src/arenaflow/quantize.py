@@ -142,6 +142,18 @@ def cpu_pin_memory_patch():
         IntermediatesCache.pin_memory = original
 
 
+def _one_process_is_not_distributed():
+    """An in-process vLLM engine leaves a 1-rank torch.distributed group behind; llm-compressor then
+    takes its all-reduce path, which asks for an accelerator. One rank is no distribution."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() == 1:
+        from compressed_tensors.offload.utils import as_single_threaded
+
+        return as_single_threaded()
+    return contextlib.nullcontext()
+
+
 def _head_names(model) -> list[str]:
     """Module names of the output head(s): left unquantized."""
     heads = {name for name, _ in model.named_modules() if name.split(".")[-1] in HEAD_NAMES}
@@ -266,7 +278,7 @@ def quantize_checkpoint(src: Path, out: Path, config: QuantConfig, calibration: 
             dataset=dataset, num_calibration_samples=len(dataset), shuffle_calibration_samples=False,
             max_seq_length=max(len(ids) for ids in dataset["input_ids"]), batch_size=1,
         )
-    with cpu_pin_memory_patch():
+    with cpu_pin_memory_patch(), _one_process_is_not_distributed():
         oneshot(model=model, tokenizer=tokenizer, recipe=recipe, **kwargs)
     return _save_checkpoint(model, tokenizer, out, save_compressed=True)
 
