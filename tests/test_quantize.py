@@ -187,3 +187,28 @@ def test_checkpoint_size_counts_weights_only(tmp_path):
     (tmp_path / "tokenizer.json").write_bytes(b"x" * 1000)
     (tmp_path / "config.json").write_text("{}")
     assert checkpoint_size_bytes(tmp_path) == 110
+
+
+def test_nf4_merge_reproduces_the_qlora_model(tiny, tmp_path, tokenizer, prompts):
+    """A QLoRA adapter merged into the NF4-rounded base scores like the trained (4-bit) model; merged
+    into the original weights it carries the 4-bit rounding error on top."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    base4 = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32, quantization_config=nf4).eval()
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
+    qlora = get_peft_model(base4, lora).eval()
+    qlora.save_pretrained(tmp_path / "adapter")
+    labels = label_token_ids(tokenizer)
+    trained = _label_probs(qlora, prompts, labels)
+
+    def gap(base_weights: str) -> float:
+        out = merge_adapter(tiny, tmp_path / "adapter", tmp_path / base_weights, "float32", base_weights)
+        assert "quantization_config" not in json.loads((out / "config.json").read_text())
+        return float((_label_probs(_load(out), prompts, labels) - trained).abs().max())
+
+    nf4_gap, original_gap = gap("nf4"), gap("original")
+    print(f"max |dP| vs the trained QLoRA model: nf4 merge {nf4_gap:.2e}, original merge {original_gap:.2e}")
+    assert nf4_gap < 1e-4 < original_gap

@@ -338,7 +338,8 @@ def quantize(recipe: Recipe, adapter: str, data: str = "") -> str:
     labels = valid["label"].to_numpy()
     with stage_run(recipe, "quantize") as run, tempfile.TemporaryDirectory() as tmp:
         digest = log_rows_dataset(valid, source=data or "recipe split", name=f"{recipe.name}-valid", context="validation")
-        merged = merge_adapter(base, fetch_artifacts(adapter), Path(tmp) / "merged", recipe.quant.merge_dtype)
+        merged = merge_adapter(base, fetch_artifacts(adapter), Path(tmp) / "merged", recipe.quant.merge_dtype,
+                               recipe.quant.merge_base)
         calibration_builder = PromptBuilder(load_tokenizer(merged),
                                             dataclasses.replace(recipe.prompt, max_length=recipe.quant.calibration_max_length))
         calibration = calibration_builder.build_rows(subsample(train, recipe.quant.calibration_rows, recipe.data.seed))

@@ -83,8 +83,12 @@ def _save_checkpoint(model, tokenizer, out: Path, **save_kwargs) -> Path:
     return out
 
 
-def merge_adapter(base: Path, adapter: Path, out: Path, dtype: str = "float32") -> Path:
+def merge_adapter(base: Path, adapter: Path, out: Path, dtype: str = "float32", base_weights: str = "original") -> Path:
     """Merge the peft adapter at `adapter` into the base checkpoint `base`; save it to `out`.
+
+    `base_weights="nf4"` merges into the NF4-rounded weights a QLoRA adapter was trained against
+    (the base loaded in 4-bit, then dequantized to `dtype`: the merge itself is in `dtype`), so the
+    merged model is the model that was trained; "original" merges into the checkpoint's own weights.
 
     The base is reloaded in `dtype` (float32, bfloat16 or float16). A causal-LM adapter gives a
     `*ForCausalLM` checkpoint; an adapter whose peft task_type is SEQ_CLS (3-way classifier head
@@ -100,6 +104,8 @@ def merge_adapter(base: Path, adapter: Path, out: Path, dtype: str = "float32") 
     if not (base / "config.json").exists():
         raise QuantizeError(f"{base} has no config.json: not a base checkpoint directory")
     torch_dtype = _torch_dtype(dtype)
+    if base_weights not in ("original", "nf4"):
+        raise QuantizeError(f"merge base weights {base_weights!r}: use original or nf4")
     peft_config = PeftConfig.from_pretrained(str(adapter))
     task = str(getattr(peft_config, "task_type", "") or "").upper().removeprefix("TASKTYPE.")
     has_tokenizer = any((adapter / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
@@ -113,7 +119,14 @@ def merge_adapter(base: Path, adapter: Path, out: Path, dtype: str = "float32") 
             base, dtype=torch_dtype, num_labels=len(LABEL_WORDS), pad_token_id=tokenizer.pad_token_id
         )
     elif task in ("", "CAUSAL_LM", "NONE"):
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
+        if base_weights == "nf4":
+            from transformers import BitsAndBytesConfig
+
+            nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, quantization_config=nf4)
+            model = model.dequantize(dtype=torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
     else:
         raise QuantizeError(f"adapter task_type {task!r} is not supported (CAUSAL_LM or SEQ_CLS)")
     model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()

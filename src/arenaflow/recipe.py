@@ -69,6 +69,7 @@ class QuantConfig:
     method: str = "awq"  # awq (llm-compressor) or rtn; "autoawq" is refused with the reason
     group_size: int = 64
     merge_dtype: str = "float32"
+    merge_base: str = "original"  # nf4: merge into the NF4-rounded weights a QLoRA adapter was trained on
     calibration_rows: int = 64
     calibration_max_length: int = 512
     awq_n_grid: int = 20  # AWQ scale-search points per layer; fewer is proportionally faster
