@@ -142,7 +142,7 @@ def test_killed_infer_resumes_to_the_identical_file(champion, recipe, tmp_path, 
 def test_finetune_then_quantize_registers_a_tagged_version(store, recipe, tmp_path):
     small = load_recipe(ROOT / "experiments" / "cpu-smollm2.yaml",
                         TINY + ["train.max_train_rows=8", "train.batch_size=4", "train.gradient_accumulation_steps=1",
-                                "quant.method=rtn", "quant.group_size=32", "train.load_in_4bit=false"])
+                                "quant.method=rtn", "quant.scheme=W4A16", "quant.group_size=32", "train.load_in_4bit=false"])
     finetune_run = pipeline.finetune(small)
     metrics = MlflowClient().get_run(finetune_run).data.metrics
     assert {"base_log_loss", "log_loss", "train_loss"} <= set(metrics)
