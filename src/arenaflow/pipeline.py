@@ -28,16 +28,14 @@ def datagen(recipe: Recipe, input: str = "", prompts_file: str = "") -> str:
     files = [input] if input else recipe.data.files
     if prompts_file:
         recipe = dataclasses.replace(recipe, generate=dataclasses.replace(recipe.generate, prompts_file=prompts_file))
-    if set(recipe.generate.modes) != {"ingest"}:
-        from .datagen_llm import generate_dataset
+    with stage_run(recipe, "datagen") as run:
+        if set(recipe.generate.modes) != {"ingest"}:
+            from .datagen_llm import generate_dataset
 
-        with stage_run(recipe, "datagen") as run:
             generate_dataset(recipe, files)
             print(f"datagen: artifacts at runs:/{run.info.run_id}/data")
             return run.info.run_id
-    with stage_run(recipe, "datagen") as run:
-        prepared = data_mod.prepare(files, recipe.data.valid_fraction, recipe.data.seed,
-                                    recipe.data.swap_augment, recipe.data.max_rows, recipe.data.group_column)
+        prepared = recipe_split(recipe, files)
         mlflow.log_metrics({k: float(v) for k, v in prepared.counts.items()})
         mlflow.log_metrics({f"valid_{k}": v for k, v in data_mod.label_distribution(prepared.valid).items()})
         with tempfile.TemporaryDirectory() as tmp:
@@ -80,9 +78,10 @@ def resolve_model_ref(reference: str, recipe: Recipe) -> ModelRef:
     return ModelRef(resolve_model(uri), uri)
 
 
-def recipe_split(recipe: Recipe) -> data_mod.Prepared:
+def recipe_split(recipe: Recipe, files: list[str] | None = None) -> data_mod.Prepared:
+    """The recipe's grouped train/valid split of `files` (default: the recipe's data.files)."""
     d = recipe.data
-    return data_mod.prepare(d.files, d.valid_fraction, d.seed, d.swap_augment, d.max_rows, d.group_column)
+    return data_mod.prepare(files or d.files, d.valid_fraction, d.seed, d.swap_augment, d.max_rows, d.group_column)
 
 
 def load_split(data_uri: str, recipe: Recipe) -> tuple[pd.DataFrame, pd.DataFrame]:
