@@ -64,9 +64,10 @@ def test_bench_all_engines_on_cpu(tiny_checkpoint, tmp_path, monkeypatch):
     for e in report.engines:
         assert not e.error, e.error
         assert e.samples_per_s > 0 and e.tokens_per_s > 0 and e.startup_seconds > 0
-        assert math.isfinite(e.mfu_matmul) and e.mfu_matmul > 0
+        assert math.isfinite(e.mfu_matmul) and e.mfu_matmul > 0 and e.gpus == 0  # 0: the CPU
         assert e.max_prob_diff < 1e-4  # float32, same weights: the engines agree
     assert report.matmul_tflops > 0 and report.peak_tflops is None  # a CPU has no datasheet rate here
+    assert report.matmul_burst_tflops == report.matmul_tflops  # one measurement on CPU
     table = report.table()
     assert all(label in table for label in labels) and "MFU" in table
     import mlflow

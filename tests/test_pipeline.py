@@ -93,6 +93,14 @@ def test_evaluate_tags_version_and_logs_figures(champion, recipe):
     assert run.info.run_name == f"evaluate {name}-v{champion} cpu-smollm2 float32"
 
 
+def test_evaluate_with_swap_tta_also_reports_the_one_order_figure(store, tiny_checkpoint):
+    plain = pipeline.evaluate(load_recipe(RECIPE, TINY), model=str(tiny_checkpoint))
+    tta = pipeline.evaluate(load_recipe(RECIPE, [*TINY, "engine.swap_tta=true"]), model=str(tiny_checkpoint))
+    assert "log_loss_without_tta" not in plain
+    assert tta["log_loss_without_tta"] == pytest.approx(plain["log_loss"], abs=1e-9)
+    assert tta["log_loss"] != pytest.approx(plain["log_loss"], abs=1e-6)  # the swapped order was averaged in
+
+
 def kaggle_test_file(tmp_path: Path, n: int = 20) -> Path:
     """Unlabelled rows in a shuffled id order, like Kaggle's test.csv."""
     frame = pd.read_csv(PANDALM, dtype=str, keep_default_na=False).sample(n, random_state=1)

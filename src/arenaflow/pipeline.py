@@ -104,7 +104,7 @@ def predict(scorer, builder, rows: pd.DataFrame, swap_tta: bool, progress: bool 
     both = scorer.score(prompts + builder.build_rows(rows, swap=True), progress=progress)
     n = len(prompts)
     return ScoreResult(swap_average(both.probs[:n], both.probs[n:]), both.seconds, both.startup_seconds,
-                       both.prompt_tokens)
+                       both.prompt_tokens, probs_one_order=both.probs[:n])
 
 
 def open_scorer(checkpoint: Path, recipe: Recipe):
@@ -168,6 +168,8 @@ def evaluate(recipe: Recipe, input: str = "", model: str = "") -> dict[str, floa
         with scorer:
             result = predict(scorer, builder, rows, recipe.engine.swap_tta)
         figures = preference_metrics(result.probs, labels)
+        if result.probs_one_order is not None:  # what swap-TTA buys, on the same rows
+            figures["log_loss_without_tta"] = preference_metrics(result.probs_one_order, labels)["log_loss"]
         figures["length_baseline_log_loss"] = preference_metrics(length_baseline_probs(train, rows), labels)["log_loss"]
         figures["class_prior_log_loss"] = class_prior_log_loss(train["label"].to_numpy(), labels)
         figures["rows"] = float(len(rows))

@@ -52,6 +52,7 @@ class ScoreResult:
     seconds: float  # scoring wall time, engine start excluded
     startup_seconds: float  # engine start (model load, KV cache, workers)
     prompt_tokens: int  # total prompt tokens scored
+    probs_one_order: np.ndarray | None = None  # with swap-TTA: the original A/B order alone (what TTA adds)
 
     @property
     def samples_per_s(self) -> float:
