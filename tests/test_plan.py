@@ -47,3 +47,52 @@ def test_bigger_batches_and_more_gpus_are_faster():
     two = make_plan(dims, lengths, gpu=gpu_spec("H100"), count=2, dp=2)
     assert two.seconds_per_row == pytest.approx(one.seconds_per_row / 2)
     assert one.bound == "compute"
+
+
+def _checkpoint(tmp_path: Path, quantization: dict | None = None) -> Path:
+    """A config.json with Llama-3-8B dims (what engine_plan reads), optionally compressed-tensors."""
+    import json
+
+    config = {**ARCHITECTURES["llama-3-8b"].to_config(), "hidden_size": 4096, "model_type": "llama"}
+    if quantization:
+        config["quantization_config"] = quantization
+    folder = tmp_path / ("q" if quantization else "bf16")
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_engine_plan_follows_the_checkpoint_precision_and_parallelism(tmp_path):
+    from arenaflow.plan import PRECISION_FACTOR, engine_plan
+    from arenaflow.recipe import EngineConfig
+
+    w4 = {"config_groups": {"g": {"weights": {"num_bits": 4, "group_size": 128}}}}
+    bf16, quant = _checkpoint(tmp_path), _checkpoint(tmp_path, w4)
+    engine, lengths = EngineConfig(dtype="bfloat16"), np.full(100, 1000)
+    one = engine_plan(bf16, engine, lengths, "NVIDIA H200", 1)
+    assert one.precision == "bf16" and one.bound == "compute"
+    w4a16 = engine_plan(quant, engine, lengths, "NVIDIA H200", 1)
+    assert w4a16.precision == "W4A16"
+    assert w4a16.seconds_per_row == pytest.approx(one.seconds_per_row / PRECISION_FACTOR["W4A16"])
+    fp8 = engine_plan(bf16, EngineConfig(dtype="bfloat16", quantization="fp8"), lengths, "NVIDIA H200", 1)
+    assert fp8.seconds_per_row < one.seconds_per_row
+    dp2 = engine_plan(bf16, EngineConfig(dtype="bfloat16", data_parallel_size=2), lengths, "NVIDIA H200", 2)
+    assert dp2.seconds_per_row == pytest.approx(one.seconds_per_row / 2)
+    # No plan for a CPU, a card outside the table, or a non-vLLM engine (the efficiency is vLLM's).
+    assert engine_plan(bf16, engine, lengths, "CPU x86_64 (2 threads)", 0) is None
+    assert engine_plan(bf16, engine, lengths, "Some Other GPU", 1) is None
+    assert engine_plan(bf16, EngineConfig(backend="transformers"), lengths, "NVIDIA H200", 1) is None
+
+
+def test_infer_speed_figures_get_the_plan_next_to_them_on_a_gpu(tmp_path, monkeypatch):
+    from arenaflow import bench, pipeline
+    from arenaflow.recipe import EngineConfig
+
+    checkpoint, engine = _checkpoint(tmp_path), EngineConfig(dtype="bfloat16")
+    assert pipeline.planned_speed(checkpoint, engine, prompts=20, tokens=20_000, rows=10) == {}  # this CPU
+    monkeypatch.setattr(bench, "card_name", lambda: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(bench, "gpu_count", lambda: 1)
+    with_tta = pipeline.planned_speed(checkpoint, engine, prompts=20, tokens=20_000, rows=10)
+    without = pipeline.planned_speed(checkpoint, engine, prompts=10, tokens=10_000, rows=10)
+    assert 0 < with_tta["plan_samples_per_s"] == pytest.approx(without["plan_samples_per_s"] / 2, rel=1e-6)
+    assert with_tta["plan_projected_hours_25k_rows"] > 0

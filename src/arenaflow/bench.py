@@ -123,6 +123,12 @@ def card_name() -> str:
     return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def card_peak_tflops(card: str, compute: str = "bf16") -> float | None:
     """Datasheet dense TFLOP/s of the card for `compute` (plan.GPUS), None for CPUs / unknown cards."""
     from .plan import PlanError, gpu_spec
@@ -347,6 +353,7 @@ class EngineFigures:
     mfu_matmul: float = math.nan  # share of the sustained matmul rate measured in this run, per GPU
     mfu_matmul_burst: float = math.nan  # the same over the burst (few-ms) matmul rate
     gpus: int = 1  # GPUs the engine spans (tensor x data parallel); MFU figures are per GPU
+    plan_samples_per_s: float = math.nan  # what `arenaflow plan` predicts for this engine run (vLLM on GPUs)
     max_prob_diff: float = math.nan  # max |P - P_ref| over rows and classes
     log_loss: float = math.nan
     error: str = ""
@@ -354,7 +361,7 @@ class EngineFigures:
     def metrics(self) -> dict[str, float]:
         p = metric_prefix(self.label)
         names = ("samples_per_s", "tokens_per_s", "seconds", "startup_seconds", "mfu_peak", "mfu_matmul",
-                 "mfu_matmul_burst",
+                 "mfu_matmul_burst", "plan_samples_per_s",
                  "max_prob_diff", "log_loss")
         return {f"{p}_{n}": float(getattr(self, n)) for n in names if not math.isnan(getattr(self, n))}
 
@@ -381,14 +388,16 @@ class BenchReport:
                 f"(mean {self.prompt_tokens / max(self.rows, 1):.0f}); MFU = 2*params*tokens/s over {peak} and over "
                 f"the {self.matmul_what} matmul measured now, sustained {self.matmul_tflops:.3g} TFLOP/s (burst "
                 f"{self.matmul_burst_tflops:.3g}), per GPU; diff vs {self.reference}"]
-        cols = ("engine", "GPUs", "samples/s", "tokens/s", "MFU peak", "MFU matmul", "MFU burst", "startup s",
-                "max|dP|", "log_loss")
+        cols = ("engine", "GPUs", "samples/s", "plan", "tokens/s", "MFU peak", "MFU matmul", "MFU burst",
+                "startup s", "max|dP|", "log_loss")
         rows = []
         for e in self.engines:
             if e.error:
                 rows.append((e.label, "FAILED: " + e.error.splitlines()[0][:100], *[""] * (len(cols) - 2)))
                 continue
-            rows.append((e.label, str(e.gpus or "CPU"), f"{e.samples_per_s:.2f}", f"{e.tokens_per_s:.0f}",
+            plan = "-" if math.isnan(e.plan_samples_per_s) else (
+                f"{e.plan_samples_per_s:.2f} ({100 * (e.plan_samples_per_s / e.samples_per_s - 1):+.0f}%)")
+            rows.append((e.label, str(e.gpus or "CPU"), f"{e.samples_per_s:.2f}", plan, f"{e.tokens_per_s:.0f}",
                          "-" if math.isnan(e.mfu_peak) else f"{100 * e.mfu_peak:.1f}%",
                          f"{100 * e.mfu_matmul:.1f}%", f"{100 * e.mfu_matmul_burst:.1f}%", f"{e.startup_seconds:.1f}",
                          "-" if math.isnan(e.max_prob_diff) else f"{e.max_prob_diff:.2e}",
@@ -419,6 +428,7 @@ def run_bench(checkpoint: Path, prompts: list[list[int]], specs: list[EngineSpec
     so a bench killed at a time limit keeps the figures of the engines that finished."""
     import traceback
 
+    from .plan import engine_plan
     from .scoring import Scorer
 
     checkpoint = Path(checkpoint)
@@ -447,6 +457,9 @@ def run_bench(checkpoint: Path, prompts: list[list[int]], specs: list[EngineSpec
                 fig.gpus = engine.tensor_parallel_size * engine.data_parallel_size
             achieved = 2.0 * params * result.tokens_per_s / 1e12 / max(fig.gpus, 1)
             fig.mfu_matmul, fig.mfu_matmul_burst = achieved / matmul, achieved / burst
+            planned = engine_plan(ckpt, engine, [len(p) for p in prompts], card, gpu_count())
+            if planned is not None:
+                fig.plan_samples_per_s = 1.0 / planned.seconds_per_row
             if peak:
                 fig.mfu_peak = achieved / peak
             probs[spec.label] = result.probs

@@ -138,6 +138,21 @@ def speed_metrics(rows: int, seconds: float, tokens: float, startup_seconds: flo
             "startup_seconds": startup_seconds, "projected_hours_25k_rows": ROWS_KAGGLE_TEST * seconds / rows / 3600}
 
 
+def planned_speed(checkpoint: Path, engine, prompts: int, tokens: float, rows: int) -> dict[str, float]:
+    """What `arenaflow plan` predicts for this scoring run on this machine's GPUs (nothing on CPU), under
+    the names the measurement has with a `plan_` prefix, so the MLflow UI shows them side by side."""
+    import numpy as np
+
+    from .bench import card_name, gpu_count
+    from .plan import engine_plan
+
+    planned = engine_plan(checkpoint, engine, np.full(prompts, tokens / prompts), card_name(), gpu_count())
+    if planned is None:
+        return {}
+    seconds = planned.seconds_per_row * prompts
+    return {"plan_samples_per_s": rows / seconds, "plan_projected_hours_25k_rows": ROWS_KAGGLE_TEST * seconds / rows / 3600}
+
+
 def evaluation_rows(recipe: Recipe, input: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(train rows for the length baseline, labelled rows to score) for evaluate's `input`."""
     if input.startswith("runs:/") or (input and Path(input).is_dir()):
@@ -266,6 +281,8 @@ def infer(recipe: Recipe, input: str, output: str = "submission.csv", model: str
                    "rows_resumed": float(len(rows) - scored)}
         if scored:
             figures.update(speed_metrics(scored, seconds, tokens, startup))
+            prompts = scored * (2 if recipe.engine.swap_tta else 1)
+            figures.update(planned_speed(ref.checkpoint, recipe.engine, prompts, tokens, scored))
         mlflow.log_metrics(figures)
         mlflow.set_tag("model_version", ref.version or "")
         mlflow.log_artifact(str(output_path))

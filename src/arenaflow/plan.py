@@ -8,8 +8,11 @@ files are not here - the 34B recipe's Kaggle train.csv - the bundled `data/` at 
 
 Time is a roofline per engine step (vLLM packs `max_num_batched_tokens` prompt tokens per step):
 max(FLOPs / the card's dense rate for the compute precision, bytes read / memory bandwidth), plus the
-tensor-parallel all-reduces over the GPUs' link, all divided by `EFFICIENCY`, the share of the
-roofline that vLLM reached in `arenaflow bench` (value and source: BENCHMARKS.md).
+tensor-parallel all-reduces over the GPUs' link, all divided by the efficiency: `EFFICIENCY`, the share
+of the roofline that vLLM reached in `arenaflow bench` at 16-bit, times `PRECISION_FACTOR` for quantized
+engines (values and sources: BENCHMARKS.md). `engine_plan` is the plan of one engine run as it happened
+(this machine's GPUs, the checkpoint's own quantization, the prompts' lengths): `bench` and `infer`
+log its prediction next to what they measured.
 
 Model dimensions come from the checkpoint's config.json when it is local, else from `ARCHITECTURES`.
 """
@@ -29,6 +32,12 @@ from .recipe import Recipe
 # prompts: 42.5 samples/s measured on an H200 (docs DEVICE.md, 2026-11-27) over this module's roofline
 # of 68.8 samples/s for those dims and lengths. Source and caveats: BENCHMARKS.md, "plan calibration".
 EFFICIENCY = 0.62
+# Quantized engines reach less of their (higher or equal) roofline: achieved samples/s relative to bf16
+# in the same `arenaflow bench` run (8B dims, 1000 prompts of 600-1400 tokens, H200, vLLM 0.24,
+# 2026-11-27: bf16 41.91, fp8 63.26, W8A16 36.90, W4A16 39.43 samples/s) over the roofline ratio
+# (fp8: 2x the rate; weight-only: the same compute-bound rate). Prefill is compute-bound, so
+# weight-only dequantisation is pure cost; Hopper kernels (Marlin, CUTLASS fp8) - T4s run others.
+PRECISION_FACTOR = {"fp8": 0.755, "W8A16": 0.880, "W4A16": 0.941}
 ROWS_DEFAULT = 25_000
 
 
@@ -233,12 +242,26 @@ class Plan:
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
 
+def precision_efficiency(weight_bits: float, compute: str) -> float:
+    """`EFFICIENCY` times the measured factor of the precision (fp8 W8A8, W8A16, W4A16; 16-bit: 1)."""
+    if compute == "fp8":
+        return EFFICIENCY * PRECISION_FACTOR["fp8"]
+    if weight_bits < 6:
+        return EFFICIENCY * PRECISION_FACTOR["W4A16"]
+    if weight_bits < 12:
+        return EFFICIENCY * PRECISION_FACTOR["W8A16"]
+    return EFFICIENCY
+
+
 def make_plan(dims: Dims, lengths, *, gpu: Gpu, count: int, tp: int = 1, dp: int = 1, weight_bits: float = 16.0,
               compute: str = "bf16", rows: int = ROWS_DEFAULT, max_num_batched_tokens: int = 8192,
               max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
-              efficiency: float = EFFICIENCY, model: str = "?", dims_source: str = "?",
+              efficiency: float | None = None, model: str = "?", dims_source: str = "?",
               precision: str | None = None, lengths_source: str = "given") -> Plan:
-    """The plan for explicit dims, token lengths and hardware (see module doc)."""
+    """The plan for explicit dims, token lengths and hardware (see module doc); `efficiency` None:
+    `precision_efficiency`."""
+    if efficiency is None:
+        efficiency = precision_efficiency(weight_bits, compute)
     if tp * dp > count:
         raise PlanError(f"tensor_parallel_size {tp} x data_parallel_size {dp} needs {tp * dp} GPUs, {count} given")
     notes = []
@@ -306,7 +329,32 @@ def plan_stage(recipe: Recipe, rows: int = ROWS_DEFAULT, gpu: str = "T4", count:
     return result
 
 
-def predicted_samples_per_s(dims: Dims, lengths, gpu: str, **kwargs) -> float:
-    """Rows/s the plan predicts on one `gpu` (for checking against `arenaflow bench`)."""
-    p = make_plan(dims, lengths, gpu=gpu_spec(gpu), count=1, **kwargs)
-    return 1.0 / p.seconds_per_row if p.seconds_per_row > 0 else math.inf
+def engine_plan(checkpoint: Path, engine, lengths, card: str, count: int) -> Plan | None:
+    """The plan of one scoring run as it happened: `engine` (EngineConfig) on `checkpoint` over prompts of
+    `lengths` tokens, on `count` GPUs named `card`. The checkpoint's own compressed-tensors weights set
+    the weight bits, `engine.quantization="fp8"` the fp8 compute. None where no plan applies: a CPU, a
+    card the table lacks, or a backend other than vLLM (the efficiency is vLLM's)."""
+    if not engine.backend.startswith("vllm") or card.startswith("CPU"):
+        return None
+    try:
+        gpu = gpu_spec(card)
+    except PlanError:
+        return None
+    config = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
+    compute = {"float16": "fp16", "half": "fp16", "float32": "fp32"}.get(engine.dtype, "bf16")
+    groups = (config.get("quantization_config") or {}).get("config_groups") or {}
+    weights = [g["weights"] for g in groups.values() if g.get("weights")]
+    bits, label = (32.0 if compute == "fp32" else 16.0), compute
+    if weights:
+        w = weights[0]
+        group = w.get("group_size") or 0
+        bits, label = w["num_bits"] + (16 / group if group > 0 else 0), f"W{w['num_bits']}A16"
+    if engine.quantization == "fp8":
+        bits, compute, label = 8.0, "fp8", "fp8-w8a8"
+    tp, dp = engine.tensor_parallel_size, engine.data_parallel_size
+    return make_plan(dims_from_config(config), lengths, gpu=gpu, count=max(count, tp * dp), tp=tp, dp=dp,
+                     weight_bits=bits, compute=compute, rows=len(lengths),
+                     max_num_batched_tokens=engine.max_num_batched_tokens or 8192,
+                     max_model_len=engine.max_model_len, gpu_memory_utilization=engine.gpu_memory_utilization,
+                     model=str(checkpoint), dims_source="config.json", precision=label,
+                     lengths_source="the prompts scored")
