@@ -147,14 +147,24 @@ def test_killed_infer_resumes_to_the_identical_file(champion, recipe, tmp_path, 
     assert last.data.metrics["rows_resumed"] == 16 and last.data.metrics["rows_scored_this_run"] == 14
 
 
-def test_finetune_then_quantize_registers_a_tagged_version(store, recipe, tmp_path):
+def test_finetune_then_quantize_registers_a_tagged_version(store, recipe, tmp_path, monkeypatch):
     small = load_recipe(ROOT / "experiments" / "cpu-smollm2.yaml",
                         TINY + ["train.max_train_rows=8", "train.batch_size=4", "train.gradient_accumulation_steps=1",
-                                "quant.method=rtn", "quant.scheme=W4A16", "quant.group_size=32", "train.load_in_4bit=false"])
+                                "quant.method=rtn", "quant.scheme=W4A16", "quant.group_size=32", "train.load_in_4bit=false",
+                                "engine.swap_tta=true"])
+    real_score_rows, tta_per_call = pipeline.score_rows, []
+
+    def recording_score_rows(checkpoint, recipe, rows):
+        tta_per_call.append(recipe.engine.swap_tta)
+        return real_score_rows(checkpoint, recipe, rows)
+
+    monkeypatch.setattr(pipeline, "score_rows", recording_score_rows)
     finetune_run = pipeline.finetune(small)
     metrics = MlflowClient().get_run(finetune_run).data.metrics
     assert {"base_log_loss", "log_loss", "train_loss"} <= set(metrics)
+    assert tta_per_call == [False]  # zero-shot in one A/B order, like the finetuned validation figure
     version = pipeline.quantize(small, adapter=f"runs:/{finetune_run}/adapter")
+    assert tta_per_call == [False, True, True]  # merged and quantized: both with the recipe's TTA
     tags = MlflowClient().get_model_version(small.registry.model_name, version).tags
     assert tags["quantization"] == "W4A16" and "quant_log_loss_delta" in tags and "merged_log_loss" in tags
     checkpoint = registry.resolve_model_uri(f"models:/{small.registry.model_name}/{version}")

@@ -322,8 +322,10 @@ def finetune(recipe: Recipe, data: str = "") -> str:
         log_rows_dataset(train, source=data or "recipe split", name=f"{recipe.name}-train", context="training")
         digest = log_rows_dataset(valid, source=data or "recipe split", name=f"{recipe.name}-valid", context="validation")
         mlflow.set_tag("eval_dataset_digest", digest)
-        # Zero-shot first, in its own engine: bitsandbytes must not see a forward before training.
-        zero_shot = preference_metrics(score_rows(base, recipe, valid).probs, valid["label"].to_numpy())
+        # Zero-shot first, in its own engine: bitsandbytes must not see a forward before training. One A/B
+        # order (no swap-TTA), like the finetuned figure it is compared with.
+        one_order = dataclasses.replace(recipe, engine=dataclasses.replace(recipe.engine, swap_tta=False))
+        zero_shot = preference_metrics(score_rows(base, one_order, valid).probs, valid["label"].to_numpy())
         mlflow.log_metrics({f"base_{k}": v for k, v in zero_shot.items()})
         with tempfile.TemporaryDirectory() as tmp:
             result = train_adapter(base, train, valid, recipe.prompt, recipe.train, Path(tmp),
