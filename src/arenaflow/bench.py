@@ -436,7 +436,8 @@ def run_bench(checkpoint: Path, prompts: list[list[int]], specs: list[EngineSpec
     burst, matmul, matmul_what = measured_matmul_tflops()
     peak = card_peak_tflops(card, "bf16")
     _, params = count_params(checkpoint)  # matmul weights every prompt token runs through
-    tokens = sum(len(p) for p in prompts)
+    lengths = [len(p) for p in prompts]
+    tokens = sum(lengths)
     max_model_len = max_model_len or max(len(p) for p in [*prompts, *(warmup_prompts or [])]) + 8
     figures, probs = [], {}
     for spec in specs:
@@ -457,7 +458,7 @@ def run_bench(checkpoint: Path, prompts: list[list[int]], specs: list[EngineSpec
                 fig.gpus = engine.tensor_parallel_size * engine.data_parallel_size
             achieved = 2.0 * params * result.tokens_per_s / 1e12 / max(fig.gpus, 1)
             fig.mfu_matmul, fig.mfu_matmul_burst = achieved / matmul, achieved / burst
-            planned = engine_plan(ckpt, engine, [len(p) for p in prompts], card, gpu_count())
+            planned = engine_plan(ckpt, engine, lengths, card, gpu_count())
             if planned is not None:
                 fig.plan_samples_per_s = 1.0 / planned.seconds_per_row
             if peak:

@@ -23,6 +23,13 @@ class ModelError(ValueError):
     """A model reference that cannot be resolved or a tokenizer unfit for the task."""
 
 
+def compressed_weights(config: dict) -> list[dict]:
+    """The `weights` entries (num_bits, group_size, ...) of a compressed-tensors config.json's
+    quantization groups; [] for an unquantized checkpoint."""
+    groups = (config.get("quantization_config") or {}).get("config_groups") or {}
+    return [g["weights"] for g in groups.values() if g.get("weights")]
+
+
 def cache_dir() -> Path:
     """Where converted/built checkpoints live (`ARENAFLOW_CACHE`, default ~/.cache/arenaflow)."""
     root = Path(os.environ.get("ARENAFLOW_CACHE", Path.home() / ".cache" / "arenaflow"))

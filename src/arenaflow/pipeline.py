@@ -149,8 +149,8 @@ def planned_speed(checkpoint: Path, engine, prompts: int, tokens: float, rows: i
     planned = engine_plan(checkpoint, engine, np.full(prompts, tokens / prompts), card_name(), gpu_count())
     if planned is None:
         return {}
-    seconds = planned.seconds_per_row * prompts
-    return {"plan_samples_per_s": rows / seconds, "plan_projected_hours_25k_rows": ROWS_KAGGLE_TEST * seconds / rows / 3600}
+    figures = speed_metrics(rows, planned.seconds_per_row * prompts, tokens, startup_seconds=0.0)
+    return {f"plan_{k}": figures[k] for k in ("samples_per_s", "projected_hours_25k_rows")}
 
 
 def evaluation_rows(recipe: Recipe, input: str) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -20,7 +20,6 @@ Model dimensions come from the checkpoint's config.json when it is local, else f
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,20 +157,24 @@ def model_dims(reference: str) -> tuple[Dims, str]:
                     f"{sorted(ARCHITECTURES)}")
 
 
-# weight bits (incl. per-group scales), compute precision
-def precision_of(recipe: Recipe) -> tuple[str, float, str]:
-    """(label, bits per matmul weight, compute precision) of the recipe's engine."""
-    dtype = recipe.engine.dtype
-    act = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(dtype, "bf16")
-    online = getattr(recipe.engine, "quantization", None)
-    if online == "fp8":
+def engine_precision(engine, weights: tuple[int, int] | None) -> tuple[str, float, str]:
+    """(label, bits per matmul weight incl. per-group scales, compute precision) of `engine`
+    (EngineConfig) running weights quantized to (num_bits, group_size; 0: no groups), or unquantized
+    weights (None). Online fp8 (`engine.quantization`) wins over both."""
+    if engine.quantization == "fp8":
         return "fp8-w8a8", 8.0, "fp8"
-    scheme = recipe.quant.scheme
-    if scheme in ("W4A16", "W8A16"):
-        bits = int(scheme[1])
-        group = recipe.quant.group_size
-        return scheme, bits + (16 / group if group > 0 else 0), act
+    act = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(engine.dtype, "bf16")
+    if weights:
+        bits, group = weights
+        return f"W{bits}A16", bits + (16 / group if group > 0 else 0), act
     return act, 32.0 if act == "fp32" else 16.0, act
+
+
+def precision_of(recipe: Recipe) -> tuple[str, float, str]:
+    """`engine_precision` of the recipe's engine on the weights its quant section produces."""
+    scheme = recipe.quant.scheme
+    weights = (int(scheme[1]), recipe.quant.group_size) if scheme in ("W4A16", "W8A16") else None
+    return engine_precision(recipe.engine, weights)
 
 
 def prompt_lengths(recipe: Recipe, max_rows: int | None = 4000) -> tuple[np.ndarray, str]:
@@ -340,17 +343,12 @@ def engine_plan(checkpoint: Path, engine, lengths, card: str, count: int) -> Pla
         gpu = gpu_spec(card)
     except PlanError:
         return None
+    from .models import compressed_weights
+
     config = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
-    compute = {"float16": "fp16", "half": "fp16", "float32": "fp32"}.get(engine.dtype, "bf16")
-    groups = (config.get("quantization_config") or {}).get("config_groups") or {}
-    weights = [g["weights"] for g in groups.values() if g.get("weights")]
-    bits, label = (32.0 if compute == "fp32" else 16.0), compute
-    if weights:
-        w = weights[0]
-        group = w.get("group_size") or 0
-        bits, label = w["num_bits"] + (16 / group if group > 0 else 0), f"W{w['num_bits']}A16"
-    if engine.quantization == "fp8":
-        bits, compute, label = 8.0, "fp8", "fp8-w8a8"
+    weights = compressed_weights(config)
+    scheme = (weights[0]["num_bits"], weights[0].get("group_size") or 0) if weights else None
+    label, bits, compute = engine_precision(engine, scheme)
     tp, dp = engine.tensor_parallel_size, engine.data_parallel_size
     return make_plan(dims_from_config(config), lengths, gpu=gpu, count=max(count, tp * dp), tp=tp, dp=dp,
                      weight_bits=bits, compute=compute, rows=len(lengths),

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from .data import TEXT_COLUMNS
+from .models import compressed_weights
 from .recipe import Recipe, flatten
 from .registry import setup_tracking
 
@@ -34,8 +35,7 @@ def precision_of(recipe: Recipe, stage: str) -> str:
 def checkpoint_precision(checkpoint: Path, engine_dtype: str) -> str:
     """`W4A16` / `W8A16` for a compressed-tensors checkpoint, else the dtype it runs in."""
     config = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
-    groups = (config.get("quantization_config") or {}).get("config_groups") or {}
-    bits = sorted({g.get("weights", {}).get("num_bits") for g in groups.values()} - {None})
+    bits = sorted({w.get("num_bits") for w in compressed_weights(config)} - {None})
     if bits:
         return "/".join(f"W{b}A16" for b in bits)
     return engine_dtype if engine_dtype != "auto" else str(config.get("dtype") or config.get("torch_dtype") or "auto")
