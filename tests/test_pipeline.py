@@ -161,7 +161,7 @@ def test_finetune_then_quantize_registers_a_tagged_version(store, recipe, tmp_pa
     monkeypatch.setattr(pipeline, "score_rows", recording_score_rows)
     finetune_run = pipeline.finetune(small)
     metrics = MlflowClient().get_run(finetune_run).data.metrics
-    assert {"base_log_loss", "log_loss", "train_loss"} <= set(metrics)
+    assert {"base_log_loss", "log_loss", "train_loss", "length_baseline_log_loss", "class_prior_log_loss"} <= set(metrics)
     assert tta_per_call == [False]  # zero-shot in one A/B order, like the finetuned validation figure
     version = pipeline.quantize(small, adapter=f"runs:/{finetune_run}/adapter")
     assert tta_per_call == [False, True, True]  # merged and quantized: both with the recipe's TTA

@@ -49,6 +49,13 @@ def length_baseline_probs(train: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray
     return probs
 
 
+def reference_log_losses(train: pd.DataFrame, rows: pd.DataFrame) -> dict[str, float]:
+    """The two LLM-free references on `rows` (labelled): the length baseline and the class prior."""
+    labels = rows["label"].to_numpy()
+    return {"length_baseline_log_loss": preference_metrics(length_baseline_probs(train, rows), labels)["log_loss"],
+            "class_prior_log_loss": class_prior_log_loss(train["label"].to_numpy(), labels)}
+
+
 def save_plots(probs: np.ndarray, labels: np.ndarray, out_dir: Path) -> list[Path]:
     """Calibration curve per class and a confusion matrix, as PNGs the MLflow UI shows."""
     import matplotlib

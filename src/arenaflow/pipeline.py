@@ -171,7 +171,7 @@ def evaluate(recipe: Recipe, input: str = "", model: str = "") -> dict[str, floa
     import mlflow
 
     from . import registry
-    from .metrics import class_prior_log_loss, length_baseline_probs, preference_metrics, save_plots
+    from .metrics import preference_metrics, reference_log_losses, save_plots
 
     ref = resolve_model_ref(model, recipe)
     train, rows = evaluation_rows(recipe, input)
@@ -185,8 +185,7 @@ def evaluate(recipe: Recipe, input: str = "", model: str = "") -> dict[str, floa
         figures = preference_metrics(result.probs, labels)
         if result.probs_one_order is not None:  # what swap-TTA buys, on the same rows
             figures["log_loss_without_tta"] = preference_metrics(result.probs_one_order, labels)["log_loss"]
-        figures["length_baseline_log_loss"] = preference_metrics(length_baseline_probs(train, rows), labels)["log_loss"]
-        figures["class_prior_log_loss"] = class_prior_log_loss(train["label"].to_numpy(), labels)
+        figures.update(reference_log_losses(train, rows))
         figures["rows"] = float(len(rows))
         mlflow.log_metrics({**figures, **speed_metrics(len(rows), result.seconds, result.prompt_tokens,
                                                         result.startup_seconds)})
@@ -311,7 +310,7 @@ def finetune(recipe: Recipe, data: str = "") -> str:
     log_loss on the same rows, and the adapter under the run's `adapter/` artifacts."""
     import mlflow
 
-    from .metrics import preference_metrics
+    from .metrics import preference_metrics, reference_log_losses
     from .models import resolve_model
     from .train import finetune as train_adapter
 
@@ -327,6 +326,8 @@ def finetune(recipe: Recipe, data: str = "") -> str:
         one_order = dataclasses.replace(recipe, engine=dataclasses.replace(recipe.engine, swap_tta=False))
         zero_shot = preference_metrics(score_rows(base, one_order, valid).probs, valid["label"].to_numpy())
         mlflow.log_metrics({f"base_{k}": v for k, v in zero_shot.items()})
+        references = reference_log_losses(train, valid)  # what the finetuned model must beat, same rows
+        mlflow.log_metrics(references)
         with tempfile.TemporaryDirectory() as tmp:
             result = train_adapter(base, train, valid, recipe.prompt, recipe.train, Path(tmp),
                                    trust_remote_code=recipe.model.trust_remote_code)
@@ -337,7 +338,8 @@ def finetune(recipe: Recipe, data: str = "") -> str:
                             **({"log_loss": final["log_loss"],
                                 "log_loss_gain_over_base": zero_shot["log_loss"] - final["log_loss"]} if final else {})})
         print(f"finetune: base zero-shot log_loss={zero_shot['log_loss']:.4f}, finetuned "
-              f"log_loss={final.get('log_loss', float('nan')):.4f}; adapter at runs:/{run.info.run_id}/adapter")
+              f"log_loss={final.get('log_loss', float('nan')):.4f} (length baseline "
+              f"{references['length_baseline_log_loss']:.4f}); adapter at runs:/{run.info.run_id}/adapter")
         return run.info.run_id
 
 
