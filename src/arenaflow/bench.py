@@ -503,8 +503,9 @@ def bench_stage(recipe: Recipe, model: str = "", rows: int = 64, engines: str = 
 
     import mlflow
 
+    from .data import subsample
     from .models import load_tokenizer
-    from .pipeline import evaluation_rows, subsample
+    from .pipeline import evaluation_rows
     from .prompts import PromptBuilder
     from .tracking import stage_run
 

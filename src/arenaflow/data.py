@@ -214,12 +214,7 @@ class Prepared:
 def prepare(files: list[str | Path], valid_fraction: float, seed: int, swap_augment: bool,
             max_rows: int | None = None, group_column: str | None = None) -> Prepared:
     """Ingest files, optionally subsample (by the user's request), split by group, augment train."""
-    tables = [load_rows(f, group_column) for f in files]
-    rows = pd.concat(tables, ignore_index=True)
-    counts = {f"rows_in.{Path(f).name}": len(t) for f, t in zip(files, tables)}
-    counts["rows_in"] = len(rows)
-    rows = subsample(rows, max_rows, seed)
-    counts["rows_selected"] = len(rows)
+    rows, counts = ingest(files, group_column, max_rows, seed)
     train, valid = grouped_split(rows, valid_fraction, seed)
     counts.update(rows_train=len(train), rows_valid=len(valid))
     assert len(train) + len(valid) == len(rows), "split lost or duplicated rows"
@@ -227,6 +222,19 @@ def prepare(files: list[str | Path], valid_fraction: float, seed: int, swap_augm
         train = pd.concat([train, swap_ab(train)], ignore_index=True)
     counts["rows_train_augmented"] = len(train)
     return Prepared(train.reset_index(drop=True), valid.reset_index(drop=True), counts)
+
+
+def ingest(files: list[str | Path], group_column: str | None = None, max_rows: int | None = None,
+           seed: int = 0) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Every file's rows, concatenated, then at most `max_rows` of them (`subsample`); with the row
+    counts per file, in all and selected."""
+    tables = [load_rows(f, group_column) for f in files]
+    rows = pd.concat(tables, ignore_index=True)
+    counts = {f"rows_in.{Path(f).name}": len(t) for f, t in zip(files, tables)}
+    counts["rows_in"] = len(rows)
+    rows = subsample(rows, max_rows, seed)
+    counts["rows_selected"] = len(rows)
+    return rows, counts
 
 
 def subsample(rows: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:

@@ -623,13 +623,8 @@ def build_dataset(recipe: Recipe, files: Sequence[str | Path] | None = None, *,
     empty = pd.DataFrame({c: pd.Series(dtype=object) for c in CANONICAL})
     real = train_real = valid_real = None
     if "ingest" in modes or ("respond" in modes and not g.prompts_file):
-        tables = [data_mod.load_rows(f, d.group_column) for f in files]
-        real = pd.concat(tables, ignore_index=True)
-        counts.update({f"rows_in.{Path(f).name}": len(t) for f, t in zip(files, tables)})
-        counts["rows_in"] = len(real)
-        if d.max_rows is not None and d.max_rows < len(real):
-            real = real.sample(n=d.max_rows, random_state=d.seed).sort_index()
-        counts["rows_selected"] = len(real)
+        real, ingested = data_mod.ingest(files, d.group_column, d.max_rows, d.seed)
+        counts.update(ingested)
     if "ingest" in modes:
         if "respond" not in modes:
             real = _clean(real, modes, recipe, counts, "rows", TEXT_COLUMNS)
@@ -649,9 +644,7 @@ def build_dataset(recipe: Recipe, files: Sequence[str | Path] | None = None, *,
                                          seen=valid_prompts, within=False)
                 counts["prompts_in_valid_dropped"] = found["exact"] + found["near"]
             pool = _clean(pool, modes, recipe, counts, "prompts", ("prompt",))
-            if g.n_prompts is not None and g.n_prompts < len(pool):
-                pool = pool.sample(n=g.n_prompts, random_state=g.seed).sort_index()
-            pool = pool.reset_index(drop=True)
+            pool = data_mod.subsample(pool, g.n_prompts, g.seed).reset_index(drop=True)
             counts["prompts_used"] = len(pool)
             if pool.empty:
                 raise DatagenError("respond: no prompt left after the valid-overlap, filter and dedup steps "

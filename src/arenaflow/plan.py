@@ -193,13 +193,10 @@ def prompt_lengths(recipe: Recipe, max_rows: int | None = 4000) -> tuple[np.ndar
             raise PlanError(f"no prompt lengths: the recipe's {recipe.data.files} and the bundled data/ are absent")
         files = sorted(str(p) for p in bundled.glob("*.csv"))
         source = f"bundled data ({', '.join(Path(f).name for f in files)}; the recipe's {recipe.data.files} are absent)"
-    rows = data_mod.read_prepared(files[0]) if len(files) == 1 else None
-    if rows is None:
-        import pandas as pd
+    import pandas as pd
 
-        rows = pd.concat([data_mod.read_prepared(f) for f in files], ignore_index=True)
-    if max_rows and len(rows) > max_rows:
-        rows = rows.sample(n=max_rows, random_state=0)
+    rows = pd.concat([data_mod.read_prepared(f) for f in files], ignore_index=True)
+    rows = data_mod.subsample(rows, max_rows, seed=0)
     try:  # the recipe's own tokenizer when it is local, else SmolLM2's (lengths then approximate)
         checkpoint = resolve_model(recipe.model.base) if Path(recipe.model.base).exists() or \
             recipe.model.base.startswith(("gguf:", "tiny:")) else resolve_model("gguf:smollm2-135m-instruct")
