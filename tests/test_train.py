@@ -209,3 +209,28 @@ def test_bad_config_is_refused(tiny, rows, tmp_path):
         prepare_training(tiny, rows, None, PROMPT, overfit_config(head="regression"), tmp_path)
     with pytest.raises(TrainError, match="no labelled"):
         prepare_training(tiny, rows.assign(label=-1), None, PROMPT, overfit_config(), tmp_path)
+
+
+def test_keep_best_epoch_saves_the_adapter_of_the_lowest_validation_log_loss(tiny, rows, tmp_path):
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    figures = iter([0.9, 0.5, 0.7])
+    seen = []
+
+    def valid_fn(model):
+        seen.append({k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()})
+        return {"log_loss": next(figures)}
+
+    result = finetune(tiny, rows, rows, PROMPT, overfit_config(epochs=3, keep_best_epoch=True), tmp_path / "out",
+                      valid_log_loss_fn=valid_fn)
+    assert [v["log_loss"] for v in result.valid] == [0.9, 0.5, 0.7]
+    assert result.kept["log_loss"] == 0.5 and result.kept["epoch"] == pytest.approx(2.0)
+    saved = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert saved.keys() == seen[1].keys()
+    assert all(torch.equal(saved[k], seen[1][k]) for k in saved)
+    assert not all(torch.equal(saved[k], seen[2][k]) for k in saved)  # the last epoch did move the weights
+
+    last = finetune(tiny, rows, rows, PROMPT, overfit_config(epochs=2), tmp_path / "last",
+                    valid_log_loss_fn=lambda model: {"log_loss": 1.0})
+    assert last.kept == last.valid[-1]  # without keep_best_epoch: the last epoch's adapter and figures

@@ -332,13 +332,13 @@ def finetune(recipe: Recipe, data: str = "") -> str:
             result = train_adapter(base, train, valid, recipe.prompt, recipe.train, Path(tmp),
                                    trust_remote_code=recipe.model.trust_remote_code)
             mlflow.log_artifacts(str(result.adapter_dir), "adapter")
-        final = result.valid[-1] if result.valid else {}
+        final = result.kept  # the saved adapter's validation: the last epoch's, or the best with keep_best_epoch
         mlflow.log_metrics({"train_loss": result.train_loss, "train_seconds": result.seconds,
                             "seconds_per_row": result.seconds_per_row, "rows_trained": result.rows_trained,
-                            **({"log_loss": final["log_loss"],
+                            **({"log_loss": final["log_loss"], "kept_epoch": final["epoch"] or 0.0,
                                 "log_loss_gain_over_base": zero_shot["log_loss"] - final["log_loss"]} if final else {})})
         print(f"finetune: base zero-shot log_loss={zero_shot['log_loss']:.4f}, finetuned "
-              f"log_loss={final.get('log_loss', float('nan')):.4f} (length baseline "
+              f"log_loss={final.get('log_loss', float('nan')):.4f} at epoch {final.get('epoch') or 0:.2f} (length baseline "
               f"{references['length_baseline_log_loss']:.4f}); adapter at runs:/{run.info.run_id}/adapter")
         return run.info.run_id
 

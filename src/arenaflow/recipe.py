@@ -60,6 +60,7 @@ class TrainConfig:
     max_train_rows: int | None = None  # None: every training row
     max_valid_rows: int | None = None  # None: every validation row
     warmup_ratio: float = 0.05
+    keep_best_epoch: bool = False  # save the adapter of the epoch with the lowest validation log_loss
     seed: int = 42
 
 

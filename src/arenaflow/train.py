@@ -62,6 +62,7 @@ class TrainResult:
     train_loss: float  # mean training loss over the whole run (the Trainer's figure)
     loss_history: list[dict] = field(default_factory=list)  # per logged step: step, epoch, loss, learning_rate
     valid: list[dict] = field(default_factory=list)  # per epoch: epoch, step, log_loss, ...
+    kept: dict = field(default_factory=dict)  # the saved adapter's entry of `valid` (best or last); {} unvalidated
     seconds: float = 0.0  # wall time of training, in-training validation excluded
     valid_seconds: float = 0.0  # wall time of the in-training validation
     rows_trained: int = 0  # distinct training rows after subsampling
@@ -303,7 +304,8 @@ def _make_trainer_class():
     return AnswerTokenTrainer
 
 
-def _make_callback(validate: Callable | None, history: list, valid: list, timing: dict):
+def _make_callback(validate: Callable | None, history: list, valid: list, timing: dict, keep_best: bool):
+    import torch
     from transformers import TrainerCallback
 
     def log_mlflow(metrics: dict, step: int) -> None:
@@ -315,7 +317,20 @@ def _make_callback(validate: Callable | None, history: list, valid: list, timing
             mlflow.log_metrics(clean, step=step)
 
     class TrainLogCallback(TrainerCallback):
-        last_validated_step = -1
+        def __init__(self):
+            self.last_validated_step = -1
+            self.best: dict = {}  # with keep_best: the lowest-log_loss entry of `valid`
+            self.best_weights: dict = {}  # ... and a CPU copy of the trainable weights it was measured with
+
+        def restore_best(self, model) -> dict:
+            """Put the best epoch's trainable weights back (keep_best); the saved adapter's figures."""
+            if not self.best_weights:
+                return valid[-1] if valid else {}
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if name in self.best_weights:
+                        param.copy_(self.best_weights[name])
+            return self.best
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
@@ -346,6 +361,13 @@ def _make_callback(validate: Callable | None, history: list, valid: list, timing
             timing["valid_seconds"] += time.perf_counter() - start
             self.last_validated_step = state.global_step
             valid.append({"epoch": state.epoch, "step": state.global_step, **metrics})
+            if keep_best:
+                if "log_loss" not in metrics:
+                    raise TrainError(f"train.keep_best_epoch needs a log_loss from validation, got {sorted(metrics)}")
+                if not self.best or metrics["log_loss"] < self.best["log_loss"]:
+                    self.best = valid[-1]
+                    self.best_weights = {name: param.detach().to("cpu", copy=True)
+                                         for name, param in model.named_parameters() if param.requires_grad}
             log_mlflow({k if k.startswith("valid_") else f"valid_{k}": v for k, v in metrics.items()}
                        | {"epoch": state.epoch or 0.0}, state.global_step)
             logger.info("validation at step %d (epoch %.2f): %s", state.global_step, state.epoch or 0, metrics)
@@ -449,7 +471,7 @@ def prepare_training(base_checkpoint: Path, train_rows: pd.DataFrame, valid_rows
     history: list[dict] = []
     valid_figures: list[dict] = []
     timing = {"valid_seconds": 0.0}
-    callback = _make_callback(validate, history, valid_figures, timing)
+    callback = _make_callback(validate, history, valid_figures, timing, train_cfg.keep_best_epoch)
     trainer = _make_trainer_class()(
         model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
         data_collator=AnswerCollator(tokenizer.pad_token_id), callbacks=[callback],
@@ -475,6 +497,8 @@ def finetune(base_checkpoint: Path, train_rows: pd.DataFrame, valid_rows: pd.Dat
     with the training model (never before the first step); without it the validation figures are
     computed here from the renormalised three label-token probabilities of `valid_rows`. Train loss,
     learning rate and validation figures go to the active MLflow run, if the caller opened one.
+    With `train_cfg.keep_best_epoch` the saved adapter is the one of the lowest validation log_loss
+    (`TrainResult.kept`), not the last one.
     """
     run = prepare_training(base_checkpoint, train_rows, valid_rows, prompt_cfg, train_cfg, out_dir,
                            valid_log_loss_fn, trust_remote_code=trust_remote_code)
@@ -483,6 +507,9 @@ def finetune(base_checkpoint: Path, train_rows: pd.DataFrame, valid_rows: pd.Dat
     output = trainer.train()
     run.callback.run(trainer.state, trainer.model)  # a fractional last epoch may end between epoch ends
     seconds = time.perf_counter() - start - run.timing["valid_seconds"]
+    kept = run.callback.restore_best(trainer.model)
+    if kept:
+        logger.info("saving the adapter validated at epoch %.2f: %s", kept["epoch"] or 0, kept)
 
     adapter_dir = Path(out_dir) / "adapter"
     trainer.model.save_pretrained(adapter_dir)
@@ -498,6 +525,7 @@ def finetune(base_checkpoint: Path, train_rows: pd.DataFrame, valid_rows: pd.Dat
         train_loss=float(output.training_loss),
         loss_history=run.history,
         valid=run.valid,
+        kept=kept,
         seconds=seconds,
         valid_seconds=run.timing["valid_seconds"],
         rows_trained=len(run.train_rows),
