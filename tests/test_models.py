@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from arenaflow.models import ModelError, label_token_ids, load_tokenizer, resolve_model
+from arenaflow.models import ModelError, label_token_ids, load_tokenizer, read_config, resolve_model
 
 
 def test_smollm2_resolves_to_a_plain_safetensors_checkpoint():
@@ -51,3 +51,13 @@ def test_bad_references(reference, message):
 def test_directory_without_config_is_rejected(tmp_path):
     with pytest.raises(ModelError, match="without config.json"):
         resolve_model(str(tmp_path))
+
+
+def test_read_config_names_the_checkpoint_it_cannot_read(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    assert read_config(tmp_path) == {"architectures": ["LlamaForCausalLM"]}
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match=f"{tmp_path}: no readable config.json"):
+        read_config(tmp_path)
+    with pytest.raises(ModelError, match="no readable config.json"):
+        read_config(tmp_path / "missing")

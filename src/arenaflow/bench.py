@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .models import read_config
+from .plan import model_dims
 from .recipe import EngineConfig, Recipe
 
 DEFAULT_ENGINES = ("vllm", "vllm-classify", "transformers", "transformers-naive")
@@ -196,14 +198,6 @@ def measured_matmul_tflops(size: int | None = None, repeats: int = 20,
     return burst, sustained, f"{str(dtype).removeprefix('torch.')} {size}^3"
 
 
-def count_params(checkpoint: Path) -> tuple[int, int]:
-    """(all parameters, matmul parameters run per token) from the checkpoint's config dims."""
-    from .plan import dims_from_config
-
-    dims = dims_from_config(json.loads((Path(checkpoint) / "config.json").read_text()))
-    return dims.params, dims.layer_params
-
-
 # ---------------------------------------------------------------------------------------------
 # Models
 
@@ -218,7 +212,7 @@ def build_random_model(arch: str, out: Path, tokenizer_from: Path | None = None,
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from .models import _convert_gguf, _save_atomically
-    from .plan import ARCHITECTURES, model_dims
+    from .plan import ARCHITECTURES
 
     if (out / "config.json").exists():
         return out
@@ -319,7 +313,7 @@ def pack_rtn_checkpoint(src: Path, out: Path, bits: int = 4, group_size: int = 1
         index.update({n: shard for n in tensors})
         del tensors
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
-    config = json.loads((src / "config.json").read_text())
+    config = read_config(src)
     config["quantization_config"] = {
         "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
         "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "output_activations": None,
@@ -435,7 +429,7 @@ def run_bench(checkpoint: Path, prompts: list[list[int]], specs: list[EngineSpec
     card = card_name()
     burst, matmul, matmul_what = measured_matmul_tflops()
     peak = card_peak_tflops(card, "bf16")
-    _, params = count_params(checkpoint)  # matmul weights every prompt token runs through
+    params = model_dims(str(checkpoint))[0].layer_params  # matmul weights every prompt token runs through
     lengths = [len(p) for p in prompts]
     tokens = sum(lengths)
     max_model_len = max_model_len or max(len(p) for p in [*prompts, *(warmup_prompts or [])]) + 8

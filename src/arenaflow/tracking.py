@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from .data import TEXT_COLUMNS
-from .models import compressed_weights
+from .models import compressed_weights, read_config
 from .recipe import Recipe, flatten
 from .registry import setup_tracking
 
@@ -34,7 +34,7 @@ def precision_of(recipe: Recipe, stage: str) -> str:
 
 def checkpoint_precision(checkpoint: Path, engine_dtype: str) -> str:
     """`W4A16` / `W8A16` for a compressed-tensors checkpoint, else the dtype it runs in."""
-    config = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
+    config = read_config(checkpoint)
     bits = sorted({w.get("num_bits") for w in compressed_weights(config)} - {None})
     if bits:
         return "/".join(f"W{b}A16" for b in bits)
