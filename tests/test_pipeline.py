@@ -73,6 +73,14 @@ def test_malformed_input_fails_with_file_row_column(store, tmp_path, capsys):
     assert "broken.csv, row 4 (id=3), column 'response_b'" in capsys.readouterr().err
 
 
+def test_refused_quant_and_train_settings_stop_the_cli_with_the_reason(store, capsys):
+    assert cli.main(["quantize", "--recipe", RECIPE, "--adapter", "runs:/0/adapter", "--set", "quant.method=autoawq"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("arenaflow quantize: error: quant.method=autoawq is not supported") and "archived" in error
+    assert cli.main(["finetune", "--recipe", RECIPE, "--set", "train.head=regression"]) == 2
+    assert "train.head must be one of" in capsys.readouterr().err
+
+
 def test_infer_without_champion_says_how_to_make_one(store, capsys):
     assert cli.main(["infer", "--recipe", RECIPE, "--input", str(PANDALM), "--output", "out.csv"]) == 2
     error = capsys.readouterr().err

@@ -88,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     from .prompts import PromptError
     from .bench import BenchError
     from .plan import PlanError
+    from .quantize import QuantizeError
     from .registry import RegistryError
     from .scoring import ScoringError
+    from .train import TrainError
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             kwargs["overrides"] = args.overrides  # handed down to every step
         handler(recipe, **kwargs)
     except (RecipeError, DataError, ModelError, PromptError, RegistryError, ScoringError, BenchError, PlanError,
-            FileNotFoundError) as err:
+            QuantizeError, TrainError, FileNotFoundError) as err:
         print(f"arenaflow {args.verb}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -312,8 +312,9 @@ def finetune(recipe: Recipe, data: str = "") -> str:
 
     from .metrics import preference_metrics, reference_log_losses
     from .models import resolve_model
-    from .train import finetune as train_adapter
+    from .train import check_config, finetune as train_adapter
 
+    check_config(recipe.train)  # before scoring the base model, not after
     base = resolve_model(recipe.model.base)
     train, valid = load_split(data, recipe)
     valid = subsample(valid, recipe.train.max_valid_rows, recipe.data.seed)
@@ -352,8 +353,9 @@ def quantize(recipe: Recipe, adapter: str, data: str = "") -> str:
     from .metrics import preference_metrics
     from .models import load_tokenizer, resolve_model
     from .prompts import PromptBuilder
-    from .quantize import checkpoint_size_bytes, merge_adapter, quantize_checkpoint
+    from .quantize import check_config, checkpoint_size_bytes, merge_adapter, quantize_checkpoint
 
+    check_config(recipe.quant)  # before merging, not after
     base = resolve_model(recipe.model.base)
     train, valid = load_split(data, recipe)
     valid = subsample(valid, recipe.train.max_valid_rows, recipe.data.seed)

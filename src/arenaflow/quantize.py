@@ -209,7 +209,8 @@ def check_group_size(model, group_size: int) -> None:
         )
 
 
-def _validate(config: QuantConfig) -> None:
+def check_config(config: QuantConfig) -> None:
+    """Refuse an unknown or unsupported method/scheme (autoawq: with the reason) before any work."""
     method = str(config.method).lower()
     if method == "autoawq":
         raise QuantizeError(AUTOAWQ_REFUSAL)
@@ -260,7 +261,7 @@ def quantize_checkpoint(src: Path, out: Path, config: QuantConfig, calibration: 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     src, out = Path(src), Path(out)
-    _validate(config)
+    check_config(config)
     if not (src / "config.json").exists():
         raise QuantizeError(f"{src} has no config.json: not a checkpoint directory")
     if config.scheme == "none":
