@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from arenaflow.models import ModelError, label_token_ids, load_tokenizer, read_config, resolve_model
+from arenaflow.models import ModelError, label_token_ids, load_tokenizer, publish_dir, read_config, resolve_model, temp_dir_beside
 
 
 def test_smollm2_resolves_to_a_plain_safetensors_checkpoint():
@@ -61,3 +61,26 @@ def test_read_config_names_the_checkpoint_it_cannot_read(tmp_path):
         read_config(tmp_path)
     with pytest.raises(ModelError, match="no readable config.json"):
         read_config(tmp_path / "missing")
+
+
+def test_publish_dir_replaces_a_checkpoint_keeps_the_first_cache_and_refuses_other_folders(tmp_path):
+    def finished(out, text):
+        tmp = temp_dir_beside(out)
+        (tmp / "config.json").write_text(text)
+        return tmp
+
+    out = tmp_path / "ckpt"
+    publish_dir(finished(out, "1"), out, replace=False)
+    publish_dir(finished(out, "2"), out, replace=False)  # a cache: the first writer's copy stays
+    assert (out / "config.json").read_text() == "1"
+    publish_dir(finished(out, "3"), out, replace=True)
+    assert (out / "config.json").read_text() == "3"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp dirs left behind
+
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(ModelError, match="not a checkpoint directory; refusing to replace it"):
+        publish_dir(finished(other, "4"), other, replace=True)
+    assert (other / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "notes"]

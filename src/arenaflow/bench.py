@@ -211,7 +211,7 @@ def build_random_model(arch: str, out: Path, tokenizer_from: Path | None = None,
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from .models import _convert_gguf, _save_atomically
+    from .models import _convert_gguf, save_checkpoint
     from .plan import ARCHITECTURES
 
     if (out / "config.json").exists():
@@ -236,7 +236,7 @@ def build_random_model(arch: str, out: Path, tokenizer_from: Path | None = None,
     finally:
         torch.set_default_dtype(old)
     model.config.dtype = dtype
-    _save_atomically(model, tokenizer, out)
+    save_checkpoint(model, tokenizer, out)
     del model
     gc.collect()
     if device == "cuda":

@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 LABEL_WORDS = ("A", "B", "tie")
@@ -74,19 +76,42 @@ def _gguf_file(name: str) -> Path:
     return matching[0]
 
 
-def _save_atomically(model, tokenizer, out: Path) -> None:
-    """Save to a private temp dir, then rename: a killed or concurrent build never leaves half a checkpoint."""
-    import shutil
-    import tempfile
-
+def temp_dir_beside(out: Path) -> Path:
+    """A private directory next to `out` (same filesystem, so publishing it is one rename)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+
+
+def publish_dir(tmp: Path, out: Path, *, replace: bool) -> Path:
+    """Rename the finished `tmp` to `out`: a killed or concurrent writer never leaves half a checkpoint.
+
+    replace=True removes an older checkpoint at `out` (and refuses a directory that is not one);
+    replace=False keeps whatever another process finished first (a cache: theirs is as good as ours).
+    """
+    if replace and out.exists():
+        if not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").exists()):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ModelError(f"{out} exists and is not a checkpoint directory; refusing to replace it")
+        shutil.rmtree(out)
     try:
         tmp.rename(out)
-    except OSError:  # another process finished first: theirs is as good as ours
-        shutil.rmtree(tmp)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if replace:
+            raise
+    return out
+
+
+def save_checkpoint(model, tokenizer, out: Path, *, replace: bool = False, **save_kwargs) -> Path:
+    """`save_pretrained` of model + tokenizer into a temp dir beside `out`, then `publish_dir`."""
+    tmp = temp_dir_beside(out)
+    try:
+        model.save_pretrained(tmp, **save_kwargs)
+        tokenizer.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return publish_dir(tmp, out, replace=replace)
 
 
 def _convert_gguf(name: str) -> Path:
@@ -105,7 +130,7 @@ def _convert_gguf(name: str) -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    _save_atomically(model, tokenizer, out)
+    save_checkpoint(model, tokenizer, out)
     return out
 
 
@@ -128,7 +153,7 @@ def build_tiny_llama(out: Path, tokenizer_from: Path | None = None, seed: int = 
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.float32)
-    _save_atomically(model, tokenizer, out)
+    save_checkpoint(model, tokenizer, out)
     return out
 
 

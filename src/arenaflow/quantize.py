@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import tempfile
 from pathlib import Path
 
-from arenaflow.models import read_config
+from arenaflow.models import publish_dir, read_config, save_checkpoint, temp_dir_beside
 from arenaflow.recipe import QuantConfig
 
 SCHEMES = {"W4A16": 4, "W8A16": 8}  # weight bits; activations stay 16/32-bit
@@ -53,34 +52,6 @@ def _torch_dtype(name: str):
 
 def _is_seq_cls(architectures) -> bool:
     return any(str(a).endswith("ForSequenceClassification") for a in architectures or [])
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished checkpoint from `tmp` to `out`, replacing an older checkpoint there."""
-    if out.exists():
-        if not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").exists()):
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise QuantizeError(f"{out} exists and is not a checkpoint directory; refusing to replace it")
-        shutil.rmtree(out)
-    tmp.rename(out)
-
-
-def _temp_dir_beside(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-
-
-def _save_checkpoint(model, tokenizer, out: Path, **save_kwargs) -> Path:
-    """Save model + tokenizer to a temp dir beside `out`, then move it to `out`: never half a checkpoint."""
-    tmp = _temp_dir_beside(out)
-    try:
-        model.save_pretrained(tmp, **save_kwargs)
-        tokenizer.save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _replace_dir(tmp, out)
-    return out
 
 
 def merge_adapter(base: Path, adapter: Path, out: Path, dtype: str = "float32", base_weights: str = "original") -> Path:
@@ -130,7 +101,7 @@ def merge_adapter(base: Path, adapter: Path, out: Path, dtype: str = "float32", 
     else:
         raise QuantizeError(f"adapter task_type {task!r} is not supported (CAUSAL_LM or SEQ_CLS)")
     model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    return _save_checkpoint(model, tokenizer, out)
+    return save_checkpoint(model, tokenizer, out, replace=True)
 
 
 @contextlib.contextmanager
@@ -221,11 +192,10 @@ def check_config(config: QuantConfig) -> None:
 
 
 def _copy_checkpoint(src: Path, out: Path) -> Path:
-    tmp = _temp_dir_beside(out)
+    tmp = temp_dir_beside(out)
     shutil.rmtree(tmp)
     shutil.copytree(src, tmp)
-    _replace_dir(tmp, out)
-    return out
+    return publish_dir(tmp, out, replace=True)
 
 
 def _quant_modifier(bits: int, group_size: int, ignore: list[str]):
@@ -294,7 +264,7 @@ def quantize_checkpoint(src: Path, out: Path, config: QuantConfig, calibration: 
         )
     with cpu_pin_memory_patch(), _one_process_is_not_distributed():
         oneshot(model=model, tokenizer=tokenizer, recipe=recipe, **kwargs)
-    return _save_checkpoint(model, tokenizer, out, save_compressed=True)
+    return save_checkpoint(model, tokenizer, out, replace=True, save_compressed=True)
 
 
 def checkpoint_size_bytes(path: Path) -> int:
