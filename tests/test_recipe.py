@@ -1,8 +1,11 @@
 import re
+import shlex
 from pathlib import Path
 
 import pytest
+import yaml
 
+from arenaflow.cli import build_parser
 from arenaflow.recipe import Recipe, RecipeError, flatten, load_recipe
 
 RECIPES = sorted((Path(__file__).parents[1] / "experiments").glob("*.yaml"))
@@ -53,10 +56,59 @@ def test_overrides_are_typed_and_nested():
     ("train.load_in_4bit=maybe", "expected true/false"),
     ("prompt.max_length=1.5", "expected int"),
     ("nonsense", "expected section.key=value"),
+    ('model.base="my model', 'unbalanced " quote'),
+    ("model.base='my model", "unbalanced ' quote"),
+    ("model.base=my model", "override 'model': expected section.key=value"),
+    ('model.base=my"model"', "quote the whole value"),
+    ('model.base="my"model', "unexpected 'm' after the value of model.base"),
+    ("data.files=[a.csv b.csv]", "has a space; quote it or add the missing comma"),
+    ("data.files=[a.csv, b.csv", r"unclosed \["),
+    ("data.files=[a.csv,,b.csv]", "empty list element"),
+    ("data.files=[[a.csv]]", "lists do not nest"),
+    ("data.group_column=[a, b]", "expected a string"),
+    ("train=1 train.epochs=2", "train was set to a value, not a section"),
 ])
 def test_bad_overrides_fail_loudly(override, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(None, [override])
+
+
+def test_mlproject_overrides_string_with_spaces_and_quotes():
+    """One `-P overrides=...` string, quoted into the MLproject command the way MLflow does."""
+    overrides = ('train.epochs=2 generate.prompts_file="my prompts.jsonl" '
+                 "model.base='/models/a \"judge\" model' data.files=a.csv,b.csv")
+    mlproject = yaml.safe_load((Path(__file__).parents[1] / "MLproject").read_text())
+    command = mlproject["entry_points"]["finetune"]["command"].format(
+        recipe="experiments/cpu-smollm2.yaml", data="out", overrides=shlex.quote(overrides))
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert args.overrides == [overrides]
+    recipe = load_recipe(None, args.overrides)
+    assert recipe.generate.prompts_file == "my prompts.jsonl"
+    assert recipe.model.base == '/models/a "judge" model'
+    assert recipe.train.epochs == 2.0 and recipe.data.files == ["a.csv", "b.csv"]
+
+
+def test_list_elements_may_hold_commas():
+    recipe = load_recipe(None, ['data.files=[a.csv, "b,c.csv", \'d e.csv\']',
+                                "generate.temperatures=[0.5,1]", "generate.modes=[]"])
+    assert recipe.data.files == ["a.csv", "b,c.csv", "d e.csv"]
+    assert recipe.generate.temperatures == [0.5, 1.0] and recipe.generate.modes == []
+    assert load_recipe(None, ['data.files="b,c.csv"']).data.files == ["b,c.csv"]  # one quoted file
+    assert load_recipe(None, ["data.files=b,c.csv"]).data.files == ["b", "c.csv"]  # bare: split
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("none", None), ("null", None), ("NULL", None), ("", None),
+    ('"none"', "none"), ("'none'", "none"), ('"null"', "null"), ('""', ""), ("prompt", "prompt"),
+])
+def test_quoted_none_is_a_string_for_optional_fields(value, expected):
+    recipe = load_recipe(None, [f"data.group_column={value}"])
+    assert recipe.data.group_column == expected
+
+
+def test_bare_none_stays_a_string_for_plain_str_fields():
+    assert load_recipe(None, ["quant.scheme=none"]).quant.scheme == "none"
+    assert load_recipe(None, ['quant.scheme="none"']).quant.scheme == "none"
 
 
 def test_missing_recipe_file_is_a_clear_error(tmp_path):
