@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 
 from arenaflow import cli, pipeline, registry
 from arenaflow.recipe import load_recipe
+from arenaflow.data import fetch_artifacts
 from arenaflow.tracking import stage_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,9 +29,11 @@ def recipe():
     return load_recipe(RECIPE, TINY)
 
 
-@pytest.fixture
-def champion(store, recipe, tiny_checkpoint):
-    """The tiny checkpoint registered, evaluated and promoted: models:/arenaflow@champion exists."""
+@pytest.fixture(scope="module")
+def champion(module_store, tiny_checkpoint):
+    """The tiny checkpoint registered, evaluated and promoted once per module (in `module_store`):
+    models:/arenaflow@champion exists."""
+    recipe = load_recipe(RECIPE, TINY)
     with stage_run(recipe, "quantize", model="tiny:llama"):
         version = str(registry.register_checkpoint(tiny_checkpoint, recipe.registry.model_name,
                                                    tags={"quantization": "none"}).version)
@@ -56,7 +59,7 @@ def test_datagen_logs_datasets_and_keeps_every_row(store):
     assert contexts["validation"].digest == run.data.tags["valid_digest"]
     assert json.loads(contexts["training"].profile)["num_rows"] == metrics["rows_train_augmented"]
     assert run.data.params["data.swap_augment"] == "True" and run.data.tags["stage"] == "datagen"
-    folder = pipeline.fetch_artifacts(f"runs:/{run.info.run_id}/data")
+    folder = fetch_artifacts(f"runs:/{run.info.run_id}/data")
     assert len(pd.read_parquet(folder / "valid.parquet")) == metrics["rows_valid"]
 
 
@@ -126,8 +129,8 @@ def test_infer_writes_a_valid_submission_in_input_order(champion, recipe, tmp_pa
     assert list(submission["id"]) == list(pd.read_csv(test, dtype=str)["id"])
     np.testing.assert_allclose(submission.iloc[:, 1:].sum(axis=1), 1.0, atol=1e-9)
     assert not (tmp_path / "submission.csv.shards").exists()
-    (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name(recipe.name).experiment_id],
-                                       filter_string="tags.stage = 'infer'")
+    run = MlflowClient().search_runs([mlflow.get_experiment_by_name(recipe.name).experiment_id],
+                                     filter_string="tags.stage = 'infer'", order_by=["attributes.start_time DESC"])[0]
     assert run.data.metrics["rows"] == 20 and run.data.metrics["projected_hours_25k_rows"] > 0
 
 
@@ -146,7 +149,7 @@ def test_killed_infer_resumes_to_the_identical_file(champion, recipe, tmp_path, 
     monkeypatch.setattr(pipeline, "predict", dies_on_third_shard)
     with pytest.raises(KeyboardInterrupt):
         pipeline.infer(recipe, str(test), str(tmp_path / "resumed.csv"))
-    assert len(list((tmp_path / "resumed.csv.shards").glob("shard_*.npy"))) == 2
+    assert len(list((tmp_path / "resumed.csv.shards").rglob("shard_*.json"))) == 2
     monkeypatch.setattr(pipeline, "predict", real_predict)
     resumed = pipeline.infer(recipe, str(test), str(tmp_path / "resumed.csv"))
     assert resumed.read_bytes() == clean

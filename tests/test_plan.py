@@ -85,14 +85,14 @@ def test_engine_plan_follows_the_checkpoint_precision_and_parallelism(tmp_path):
 
 
 def test_infer_speed_figures_get_the_plan_next_to_them_on_a_gpu(tmp_path, monkeypatch):
-    from arenaflow import bench, pipeline
+    from arenaflow import plan as plan_mod
     from arenaflow.recipe import EngineConfig
 
     checkpoint, engine = _checkpoint(tmp_path), EngineConfig(dtype="bfloat16")
-    assert pipeline.planned_speed(checkpoint, engine, prompts=20, tokens=20_000, rows=10) == {}  # this CPU
-    monkeypatch.setattr(bench, "card_name", lambda: "NVIDIA H100 80GB HBM3")
-    monkeypatch.setattr(bench, "gpu_count", lambda: 1)
-    with_tta = pipeline.planned_speed(checkpoint, engine, prompts=20, tokens=20_000, rows=10)
-    without = pipeline.planned_speed(checkpoint, engine, prompts=10, tokens=10_000, rows=10)
+    assert plan_mod.planned_speed(checkpoint, engine, prompts=20, tokens=20_000, rows=10) == {}  # this CPU
+    monkeypatch.setattr(plan_mod, "card_name", lambda: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(plan_mod, "gpu_count", lambda: 1)
+    with_tta = plan_mod.planned_speed(checkpoint, engine, prompts=20, tokens=20_000, rows=10)
+    without = plan_mod.planned_speed(checkpoint, engine, prompts=10, tokens=10_000, rows=10)
     assert 0 < with_tta["plan_samples_per_s"] == pytest.approx(without["plan_samples_per_s"] / 2, rel=1e-6)
     assert with_tta["plan_projected_hours_25k_rows"] > 0

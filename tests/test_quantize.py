@@ -11,15 +11,16 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 pytest.importorskip("llmcompressor")
 
+from arenaflow.backends import label_probabilities  # noqa: E402
 from arenaflow.models import label_token_ids  # noqa: E402
 from arenaflow.quantize import (  # noqa: E402
     QuantizeError,
     checkpoint_size_bytes,
     merge_adapter,
-    quantization_format,
     quantize_checkpoint,
 )
 from arenaflow.recipe import QuantConfig  # noqa: E402
+from arenaflow.tracking import checkpoint_precision  # noqa: E402
 
 TEXTS = [
     "Which answer is better? Answer A, B or tie.",
@@ -47,13 +48,8 @@ def prompts(tokenizer) -> list[list[int]]:
 
 
 def _label_probs(model, prompts, label_ids) -> torch.Tensor:
-    """N x 3 probabilities of the label tokens at each prompt's last position."""
-    rows = []
-    with torch.no_grad():
-        for ids in prompts:
-            logits = model(torch.tensor([ids])).logits[0, -1].float()
-            rows.append(torch.softmax(logits[label_ids], dim=-1))
-    return torch.stack(rows)
+    """N x 3 probabilities of the label tokens after each prompt (the transformers engine's computation)."""
+    return torch.from_numpy(label_probabilities(model, prompts, label_ids, pad_id=0)).float()
 
 
 def _load(path, dtype=torch.float32):
@@ -130,7 +126,7 @@ def test_awq_checkpoint_reloads_close(tiny, tmp_path, tokenizer, prompts, scheme
     hf = json.loads((out / "config.json").read_text())
     quant = hf["quantization_config"]
     assert quant["quant_method"] == "compressed-tensors"
-    assert quantization_format(out) == "pack-quantized"
+    assert quant["format"] == "pack-quantized"
     assert quant["ignore"] == ["lm_head"]
     weights = quant["config_groups"]["group_0"]["weights"]
     assert (weights["num_bits"], weights["group_size"], weights["strategy"]) == (bits, 64, "group")
@@ -151,13 +147,13 @@ def test_awq_checkpoint_reloads_close(tiny, tmp_path, tokenizer, prompts, scheme
 
 def test_rtn_needs_no_calibration(tiny, tmp_path):
     out = quantize_checkpoint(tiny, tmp_path / "rtn", QuantConfig(scheme="W4A16", method="rtn", group_size=32))
-    assert quantization_format(out) == "pack-quantized"
+    assert checkpoint_precision(out, "auto") == "W4A16"
     assert checkpoint_size_bytes(out) < checkpoint_size_bytes(tiny)
 
 
 def test_scheme_none_copies(tiny, tmp_path):
     out = quantize_checkpoint(tiny, tmp_path / "none", QuantConfig(scheme="none"))
-    assert quantization_format(out) is None
+    assert checkpoint_precision(out, "auto") == "float32"  # unquantized: the tiny model's own dtype
     assert checkpoint_size_bytes(out) == checkpoint_size_bytes(tiny)
 
 
@@ -211,4 +207,6 @@ def test_nf4_merge_reproduces_the_qlora_model(tiny, tmp_path, tokenizer, prompts
 
     nf4_gap, original_gap = gap("nf4"), gap("original")
     print(f"max |dP| vs the trained QLoRA model: nf4 merge {nf4_gap:.2e}, original merge {original_gap:.2e}")
-    assert nf4_gap < 1e-4 < original_gap
+    # Relative, not absolute: the nf4 gap is float rounding whose size depends on the CPU's kernels (3.2e-4 on
+    # an AVX512-BF16/AMX Xeon, 1.5e-7 elsewhere); the original-weights gap is the 4-bit error itself.
+    assert original_gap > 1e-3 and nf4_gap < original_gap / 10

@@ -9,7 +9,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from arenaflow import registry
+from arenaflow import registry, tracking
 from arenaflow.registry import RegistryError
 
 NAME = "arenaflow-test"
@@ -36,9 +36,9 @@ def register(tmp_path: Path, tag: str, log_loss: float | None = None, digest: st
 def test_tracking_uri_default_and_env(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert registry.tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
-    assert registry.tracking_uri() == "sqlite:///elsewhere.db"
+    assert tracking.tracking_uri() == "sqlite:///elsewhere.db"
 
 
 def test_register_sets_source_tags_description(store, tmp_path):

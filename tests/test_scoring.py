@@ -18,9 +18,8 @@ from conftest import VLLM_TEST_ENGINE
 from arenaflow.models import load_tokenizer
 from arenaflow.prompts import PromptBuilder
 from arenaflow.recipe import EngineConfig, PromptConfig
-from arenaflow.scoring import (
-    ScoreResult, Scorer, ScoringError, _DataParallel, score, swap_average, three_token_probs,
-)
+from arenaflow.backends import ScoringError, three_token_probs
+from arenaflow.scoring import Scorer, _DataParallel, score, swap_average
 
 TINY_TOL = 1e-5
 SMOLLM2_TOL = 3e-5
@@ -80,11 +79,6 @@ def test_swap_average_hand_example():
         swap_average(probs, swapped[:1])
 
 
-def test_score_result_rates():
-    result = ScoreResult(probs=np.full((4, 3), 1 / 3), seconds=2.0, startup_seconds=9.0, prompt_tokens=100)
-    assert (result.samples_per_s, result.tokens_per_s) == (2.0, 50.0)
-
-
 def test_unknown_backend_and_cpu_data_parallel_are_refused(tiny_checkpoint):
     with pytest.raises(ScoringError, match="backend"):
         Scorer(tiny_checkpoint, engine("onnx"))
@@ -134,6 +128,7 @@ def test_vllm_matches_transformers_and_keeps_order(tiny_vllm, tiny_prompts, tiny
     np.testing.assert_allclose(permuted, tiny_reference[perm], atol=TINY_TOL)
 
 
+@pytest.mark.slow
 def test_vllm_classify_equals_logprob_backend(tiny_checkpoint, tiny_vllm, tiny_prompts):
     logprob = tiny_vllm.score(tiny_prompts, progress=False).probs
     with Scorer(tiny_checkpoint, engine("vllm-classify")) as classify:

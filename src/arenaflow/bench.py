@@ -11,27 +11,22 @@ ran, and log_loss when the rows are labelled. One MLflow run per bench; metrics 
 
 Prompts: real rows through the prompt builder (the recipe's valid split), or `synthetic="N:LO-HI"`:
 N random-token prompts with lengths uniform in [LO, HI] (ending with the real chat suffix).
-Models: any reference `models.resolve_model` takes, plus `random:<arch>` (e.g. `random:llama-3-8b`):
-a random-weight model with that architecture's dimensions (plan.ARCHITECTURES) and SmolLM2's
-tokenizer, built in-process because the hub is unreachable (the vocabulary is then SmolLM2's 49152).
-`pack_rtn_checkpoint` writes a W4A16 / W8A16 compressed-tensors checkpoint (symmetric round-to-nearest,
-group scales) directly, for machines without llm-compressor.
+Models: any reference `models.resolve_model` takes, `random:<arch>` (e.g. `random:llama-3-8b`) included.
+The hardware probes (card, GPU count, measured matmul rate) are in hardware.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import math
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .models import read_config
+from .hardware import card_name, gpu_count, measured_matmul_tflops
 from .plan import model_dims
 from .recipe import EngineConfig, Recipe
 
@@ -56,7 +51,7 @@ def parse_engine_spec(text: str) -> EngineSpec:
     head, *pairs = text.strip().split(":")
     label, _, backend = head.rpartition("=")
     backend = backend.strip()
-    from .scoring import BACKENDS
+    from .backends import BACKENDS
 
     if backend not in BACKENDS:
         raise BenchError(f"engine spec {text!r}: backend {backend!r} not in {list(BACKENDS)}")
@@ -112,25 +107,6 @@ def synthetic_prompts(n: int, lo: int, hi: int, vocab: int, suffix: list[int], s
     return [rng.integers(100, vocab, size=max(int(k) - len(suffix), 1)).tolist() + list(suffix) for k in lengths]
 
 
-# ---------------------------------------------------------------------------------------------
-# Hardware
-
-def card_name() -> str:
-    import platform
-
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
-def gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def card_peak_tflops(card: str, compute: str = "bf16") -> float | None:
     """Datasheet dense TFLOP/s of the card for `compute` (plan.GPUS), None for CPUs / unknown cards."""
     from .plan import PlanError, gpu_spec
@@ -142,194 +118,6 @@ def card_peak_tflops(card: str, compute: str = "bf16") -> float | None:
     except PlanError:
         return None
     return gpu.tflops.get(compute)
-
-
-def measured_matmul_tflops(size: int | None = None, repeats: int = 20,
-                           sustain_seconds: float = 10.0) -> tuple[float, float, str]:
-    """(burst, sustained) TFLOP/s of a square matmul measured now: bf16 8192^3 on CUDA, float32 1024^3 on CPU.
-
-    Burst: median of `repeats` single products (CUDA events) after warm-up, a few ms of work.
-    Sustained: products back to back for `sustain_seconds`, rate over the second half: what the card
-    keeps up once clocks and power settle, as they do during an engine's timed pass (seconds, not ms).
-    On CPU the two are the same measurement."""
-    import torch
-
-    if torch.cuda.is_available():
-        size = size or 8192
-        dtype, dev = torch.bfloat16, "cuda"
-    else:
-        size = size or 1024
-        dtype, dev = torch.float32, "cpu"
-    a = [torch.randn(size, size, device=dev, dtype=dtype) for _ in range(3)]
-    b = [torch.randn(size, size, device=dev, dtype=dtype) for _ in range(3)]
-    flops = 2 * size**3
-    times = []
-    for i in range(repeats + 3):
-        if dev == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            torch.matmul(a[i % 3], b[i % 3])
-            end.record()
-            end.synchronize()
-            seconds = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            torch.matmul(a[i % 3], b[i % 3])
-            seconds = time.perf_counter() - t0
-        if i >= 3:
-            times.append(seconds)
-    burst = flops / float(np.median(times)) / 1e12
-    sustained = burst
-    if dev == "cuda":
-        chunk = max(int(0.25 * burst * 1e12 / flops), 1)  # ~0.25 s of products per timed chunk
-        rates, t_end = [], time.perf_counter() + sustain_seconds
-        while time.perf_counter() < t_end:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for i in range(chunk):
-                torch.matmul(a[i % 3], b[i % 3])
-            end.record()
-            end.synchronize()
-            rates.append(chunk * flops / (start.elapsed_time(end) / 1e3) / 1e12)
-        sustained = float(np.mean(rates[len(rates) // 2:]))
-    del a, b
-    if dev == "cuda":
-        torch.cuda.empty_cache()
-    return burst, sustained, f"{str(dtype).removeprefix('torch.')} {size}^3"
-
-
-# ---------------------------------------------------------------------------------------------
-# Models
-
-def build_random_model(arch: str, out: Path, tokenizer_from: Path | None = None, dtype: str = "bfloat16",
-                       seed: int = 0) -> Path:
-    """A random-weight Llama with the dims of `arch` (plan.ARCHITECTURES) and SmolLM2's tokenizer.
-
-    Built on the GPU when there is one; saved as safetensors (so every engine loads the same weights).
-    The vocabulary is the tokenizer's (SmolLM2: 49152), not the original model's.
-    """
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from .models import _convert_gguf, save_checkpoint
-    from .plan import ARCHITECTURES
-
-    if (out / "config.json").exists():
-        return out
-    try:
-        dims, _ = model_dims(arch)
-    except ValueError:
-        raise BenchError(f"random:{arch}: unknown architecture; known: {sorted(ARCHITECTURES)}") from None
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from or _convert_gguf("smollm2-135m-instruct"))
-    cfg = dims.to_config()
-    cfg["vocab_size"] = len(tokenizer)
-    config = LlamaConfig(**cfg, max_position_embeddings=8192, rope_theta=500000.0,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(getattr(torch, dtype))
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(old)
-    model.config.dtype = dtype
-    save_checkpoint(model, tokenizer, out)
-    del model
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return out
-
-
-def resolve_bench_model(reference: str) -> tuple[Path, str]:
-    """(checkpoint, note): `random:<arch>` is built in-process (cached), the rest via resolve_model."""
-    from .models import cache_dir, resolve_model
-
-    if reference.startswith("random:"):
-        arch = reference.removeprefix("random:")
-        out = cache_dir() / "models" / f"random-{arch}"
-        path = build_random_model(arch, out)
-        return path, (f"{reference}: RANDOM weights with {arch} dimensions built in-process (no model hub), "
-                      "SmolLM2 tokenizer/vocabulary; speed figures only, no quality")
-    return resolve_model(reference), reference
-
-
-LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def pack_rtn_checkpoint(src: Path, out: Path, bits: int = 4, group_size: int = 128) -> Path:
-    """W{bits}A16 compressed-tensors `pack-quantized` checkpoint from a full-precision one, directly.
-
-    Symmetric round-to-nearest per group of `group_size` input features (scale = max|w| / (2^(bits-1)-1)),
-    int values stored offset by 2^(bits-1) and densely packed into int32 (element 0 in the lowest bits,
-    the compressed-tensors layout). Only the decoder layers' linear weights are quantized; embeddings,
-    norms and the LM head are copied. No llm-compressor needed (it conflicts with vLLM's pins).
-    """
-    import shutil
-
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    src, out = Path(src), Path(out)
-    if (out / "config.json").exists():
-        return out
-    if bits not in (4, 8):
-        raise BenchError(f"pack_rtn_checkpoint: bits={bits}; only 4 and 8")
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    qmax = 2 ** (bits - 1) - 1
-    per_int = 32 // bits
-    index = {}
-    for k, file in enumerate(sorted(src.glob("*.safetensors"))):
-        tensors = {}
-        with safe_open(str(file), framework="pt", device=dev) as f:
-            for name in f.keys():
-                t = f.get_tensor(name)
-                module = name.removesuffix(".weight")
-                if name.endswith(".weight") and module.endswith(LINEAR_SUFFIXES) and t.ndim == 2:
-                    rows, cols = t.shape
-                    if cols % group_size or cols % per_int:
-                        raise BenchError(f"{name}: {cols} input features not divisible by group {group_size}")
-                    w = t.float().reshape(rows, cols // group_size, group_size)
-                    scale = (w.abs().amax(-1, keepdim=True) / qmax).clamp(min=1e-8)
-                    q = torch.clamp(torch.round(w / scale), -qmax - 1, qmax).to(torch.int64).reshape(rows, cols)
-                    u = (q + 2 ** (bits - 1)).reshape(rows, cols // per_int, per_int)
-                    shifts = torch.arange(per_int, device=dev, dtype=torch.int64) * bits
-                    packed = (u << shifts).sum(-1)
-                    packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
-                    tensors[module + ".weight_packed"] = packed.contiguous()
-                    tensors[module + ".weight_scale"] = scale.reshape(rows, cols // group_size).to(t.dtype).contiguous()
-                    tensors[module + ".weight_shape"] = torch.tensor([rows, cols], dtype=torch.int64, device=dev)
-                else:
-                    tensors[name] = t.contiguous()
-        shard = f"model-{k:05d}.safetensors"
-        save_file({n: v.cpu() for n, v in tensors.items()}, str(tmp / shard), metadata={"format": "pt"})
-        index.update({n: shard for n in tensors})
-        del tensors
-    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
-    config = read_config(src)
-    config["quantization_config"] = {
-        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "output_activations": None,
-                                      "weights": {"num_bits": bits, "type": "int", "symmetric": True,
-                                                  "strategy": "group", "group_size": group_size,
-                                                  "dynamic": False, "actorder": None, "observer": "minmax",
-                                                  "observer_kwargs": {}}}},
-        "ignore": ["lm_head"], "kv_cache_scheme": None, "sparsity_config": {},
-    }
-    (tmp / "config.json").write_text(json.dumps(config, indent=1))
-    for f in src.iterdir():  # tokenizer, chat template, generation config
-        if f.is_file() and not f.name.endswith((".safetensors", ".json")) or f.name in (
-                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-            shutil.copy(f, tmp / f.name)
-    tmp.rename(out)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,15 +269,6 @@ def run_bench(checkpoint: Path, prompts: list[list[int]], specs: list[EngineSpec
                        matmul_what, reference, figures, probs)
 
 
-def choose_precision(figures: dict[str, tuple[float, float]], baseline: str, tolerance: float = 0.005) -> str:
-    """The fastest precision whose log-loss change vs `baseline` is <= tolerance.
-
-    `figures`: precision -> (samples_per_s, log_loss); the baseline itself always qualifies."""
-    base_loss = figures[baseline][1]
-    ok = {k: v for k, v in figures.items() if k == baseline or abs(v[1] - base_loss) <= tolerance}
-    return max(ok, key=lambda k: ok[k][0])
-
-
 def bench_stage(recipe: Recipe, model: str = "", rows: int = 64, engines: str = "", synthetic: str = "",
                 warmup: int = 8) -> BenchReport:
     """CLI `arenaflow bench`: one MLflow run, metrics per engine, the table printed and logged."""
@@ -499,13 +278,14 @@ def bench_stage(recipe: Recipe, model: str = "", rows: int = 64, engines: str = 
 
     from .data import subsample
     from .models import load_tokenizer
-    from .pipeline import evaluation_rows
+    from .data import evaluation_rows
+    from .models import resolve_model
     from .prompts import PromptBuilder
     from .tracking import stage_run
 
     specs = [parse_engine_spec(s) for s in (engines.split(",") if engines.strip() else DEFAULT_ENGINES)]
     reference = model or recipe.model.base
-    checkpoint, note = resolve_bench_model(reference)
+    checkpoint, note = resolve_model(reference), reference
     tokenizer = load_tokenizer(checkpoint, recipe.model.trust_remote_code)
     builder = PromptBuilder(tokenizer, recipe.prompt)
     labels = None

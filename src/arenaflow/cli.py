@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .metrics import ROWS_KAGGLE_TEST
 from .recipe import RecipeError, load_recipe
 
 DEFAULT_RECIPE = "experiments/cpu-smollm2.yaml"
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("plan", help="predict memory fit and wall time of a recipe on N GPUs")
     _common(p)
-    p.add_argument("--rows", type=int, default=25_000, help="rows to score")
+    p.add_argument("--rows", type=int, default=ROWS_KAGGLE_TEST, help="rows to score")
     p.add_argument("--gpu", default="T4", help="T4, L4, A100, A100-40GB, H100, H200")
     p.add_argument("--count", type=int, default=2, help="GPUs in the machine")
     p.add_argument("--model", default="", help="model reference (default: the recipe's base)")
@@ -83,19 +84,24 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve(args.tracking_uri or None, port=args.port)
     from . import pipeline
+    from .backends import ScoringError
+    from .bench import BenchError
     from .data import DataError
     from .models import ModelError
-    from .prompts import PromptError
-    from .bench import BenchError
     from .plan import PlanError
+    from .prompts import PromptError
     from .quantize import QuantizeError
     from .registry import RegistryError
-    from .scoring import ScoringError
     from .train import TrainError
 
+    stages = {  # verb -> stage (imported here: pipeline imports mlflow and torch, `--help` should not wait)
+        "datagen": pipeline.datagen, "finetune": pipeline.finetune, "quantize": pipeline.quantize,
+        "evaluate": pipeline.evaluate, "promote": pipeline.promote, "infer": pipeline.infer,
+        "main": pipeline.main, "bench": pipeline.bench, "plan": pipeline.plan,
+    }
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        handler = getattr(pipeline, args.verb)
+        handler = stages[args.verb]
         kwargs = {k: v for k, v in vars(args).items() if k not in ("verb", "recipe", "overrides")}
         if args.verb == "main":
             kwargs["overrides"] = args.overrides  # handed down to every step

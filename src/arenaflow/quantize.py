@@ -16,7 +16,7 @@ import contextlib
 import shutil
 from pathlib import Path
 
-from arenaflow.models import publish_dir, read_config, save_checkpoint, temp_dir_beside
+from arenaflow.models import publish_dir, save_checkpoint, temp_dir_beside
 from arenaflow.recipe import QuantConfig
 
 SCHEMES = {"W4A16": 4, "W8A16": 8}  # weight bits; activations stay 16/32-bit
@@ -273,9 +273,3 @@ def checkpoint_size_bytes(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
-
-
-def quantization_format(path: Path) -> str | None:
-    """The compressed-tensors format a checkpoint declares ("pack-quantized", ...), None if unquantized."""
-    quant = read_config(path).get("quantization_config") or {}
-    return quant.get("format") or None

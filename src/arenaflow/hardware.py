@@ -1,0 +1,77 @@
+"""What this machine is: the card's name, how many GPUs, and a matmul rate measured now (bench's MFU)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def card_name() -> str:
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def measured_matmul_tflops(size: int | None = None, repeats: int = 20,
+                           sustain_seconds: float = 10.0) -> tuple[float, float, str]:
+    """(burst, sustained) TFLOP/s of a square matmul measured now: bf16 8192^3 on CUDA, float32 1024^3 on CPU.
+
+    Burst: median of `repeats` single products (CUDA events) after warm-up, a few ms of work.
+    Sustained: products back to back for `sustain_seconds`, rate over the second half: what the card
+    keeps up once clocks and power settle, as they do during an engine's timed pass (seconds, not ms).
+    On CPU the two are the same measurement."""
+    import torch
+
+    if torch.cuda.is_available():
+        size = size or 8192
+        dtype, dev = torch.bfloat16, "cuda"
+    else:
+        size = size or 1024
+        dtype, dev = torch.float32, "cpu"
+    a = [torch.randn(size, size, device=dev, dtype=dtype) for _ in range(3)]
+    b = [torch.randn(size, size, device=dev, dtype=dtype) for _ in range(3)]
+    flops = 2 * size**3
+    times = []
+    for i in range(repeats + 3):
+        if dev == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.matmul(a[i % 3], b[i % 3])
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            torch.matmul(a[i % 3], b[i % 3])
+            seconds = time.perf_counter() - t0
+        if i >= 3:
+            times.append(seconds)
+    burst = flops / float(np.median(times)) / 1e12
+    sustained = burst
+    if dev == "cuda":
+        chunk = max(int(0.25 * burst * 1e12 / flops), 1)  # ~0.25 s of products per timed chunk
+        rates, t_end = [], time.perf_counter() + sustain_seconds
+        while time.perf_counter() < t_end:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for i in range(chunk):
+                torch.matmul(a[i % 3], b[i % 3])
+            end.record()
+            end.synchronize()
+            rates.append(chunk * flops / (start.elapsed_time(end) / 1e3) / 1e12)
+        sustained = float(np.mean(rates[len(rates) // 2:]))
+    del a, b
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    return burst, sustained, f"{str(dtype).removeprefix('torch.')} {size}^3"
