@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from arenaflow import registry
+from arenaflow import tracking
 
 from arenaflow.models import resolve_model
 from arenaflow.recipe import EngineConfig
+
+# Tests never touch the user's model cache: converted and built checkpoints go to a per-session folder.
+_CACHE = tempfile.mkdtemp(prefix="arenaflow-test-cache-")
+os.environ["ARENAFLOW_CACHE"] = _CACHE
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE, ignore_errors=True)
+
 
 # float32 so that vLLM and the transformers reference can be compared tightly; 1024 fits the recipes'
 # prompt.max_length (512) + 8.
@@ -61,19 +73,56 @@ def empty_db(tmp_path_factory) -> Path:
     return root / "mlflow.db"
 
 
+@contextlib.contextmanager
+def _fresh_store(root: Path, empty_db: Path):
+    """Tracking + registry in a fresh copy of `empty_db` under `root`; MLflow's globals restored after."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        shutil.copyfile(empty_db, root / "mlflow.db")
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)  # mlflow.set_registry_uri writes it
+        mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # and mlflow.set_experiment this one
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        uri = tracking.setup_tracking()
+        mlflow.set_experiment(experiment_id="0")  # forget an experiment made active by an earlier store
+        try:
+            yield uri
+        finally:
+            while mlflow.active_run():
+                mlflow.end_run()
+            mlflow.set_tracking_uri(None)
+            mlflow.set_registry_uri(None)
+
+
 @pytest.fixture
-def store(tmp_path, monkeypatch, empty_db):
-    """Tracking + registry in a fresh copy of `empty_db` in tmp_path; globals restored after."""
-    monkeypatch.chdir(tmp_path)
-    shutil.copyfile(empty_db, tmp_path / "mlflow.db")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)  # mlflow.set_registry_uri writes it
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # and mlflow.set_experiment this one
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    uri = registry.setup_tracking()
-    mlflow.set_experiment(experiment_id="0")  # forget an experiment made active by an earlier test's store
-    yield uri
-    if mlflow.active_run():
+def store(tmp_path, empty_db):
+    """A throwaway MLflow store for one test."""
+    with _fresh_store(tmp_path, empty_db) as uri:
+        yield uri
+
+
+@pytest.fixture(scope="module")
+def module_store(tmp_path_factory, empty_db):
+    """A throwaway MLflow store shared by the tests of one module (for module-scoped fixtures in it)."""
+    with _fresh_store(tmp_path_factory.mktemp("store"), empty_db) as uri:
+        yield uri
+
+
+@pytest.fixture(autouse=True)
+def no_mlflow_state_leaks():
+    """Whatever a test did to MLflow's process-wide state (active run, tracking/registry URI) ends with it."""
+    yield
+    while mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
     mlflow.set_registry_uri(None)
+
+
+SLOW_FIXTURES = {"smollm2_checkpoint", "smollm2_vllm", "tiny_vllm"}
+
+
+def pytest_collection_modifyitems(items):
+    """`slow`: tests that need the real SmolLM2 model or a vLLM engine (`pytest -m "not slow"` skips them)."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

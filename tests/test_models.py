@@ -5,6 +5,7 @@ import pytest
 from arenaflow.models import ModelError, label_token_ids, load_tokenizer, publish_dir, read_config, resolve_model, temp_dir_beside
 
 
+@pytest.mark.slow
 def test_smollm2_resolves_to_a_plain_safetensors_checkpoint():
     checkpoint = resolve_model("gguf:smollm2-135m-instruct")
     config = json.loads((checkpoint / "config.json").read_text())

@@ -17,6 +17,8 @@ import pytest
 
 from arenaflow.ui import running_server
 
+pytestmark = pytest.mark.slow  # a real browser over a real MLflow server
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 ROOT = Path(__file__).resolve().parents[1]
