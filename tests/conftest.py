@@ -12,10 +12,11 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from arenaflow import tracking
-
+from arenaflow import pipeline, registry, tracking
+from arenaflow.data import load_rows
 from arenaflow.models import resolve_model
-from arenaflow.recipe import EngineConfig
+from arenaflow.recipe import EngineConfig, load_recipe
+from arenaflow.tracking import stage_run
 
 # Tests never touch the user's model cache: converted and built checkpoints go to a per-session folder.
 _CACHE = tempfile.mkdtemp(prefix="arenaflow-test-cache-")
@@ -24,6 +25,14 @@ os.environ["ARENAFLOW_CACHE"] = _CACHE
 
 def pytest_unconfigure(config):
     shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+MTBENCH = ROOT / "data" / "mtbench_human_turn1.csv"
+PANDALM = ROOT / "data" / "pandalm_test.csv"
+RECIPE = str(ROOT / "experiments" / "cpu-smollm2.yaml")
+TINY = [f"data.files={MTBENCH},{PANDALM}", "model.base=tiny:llama", "engine.backend=transformers",
+        "train.max_valid_rows=16", "prompt.max_length=128", "engine.shard_rows=8"]
 
 
 # float32 so that vLLM and the transformers reference can be compared tightly; 1024 fits the recipes'
@@ -126,3 +135,17 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="module")
+def champion(module_store, tiny_checkpoint):
+    """The tiny checkpoint registered, evaluated and promoted once per module (in `module_store`):
+    models:/arenaflow@champion exists."""
+    recipe = load_recipe(RECIPE, TINY)
+    with stage_run(recipe, "quantize", model="tiny:llama"):
+        rows = load_rows(PANDALM).head(3)
+        version = str(registry.register_model(tiny_checkpoint, recipe.registry.model_name, recipe, rows,
+                                              tags={"quantization": "none"}).version)
+    pipeline.evaluate(recipe, model=f"models:/{recipe.registry.model_name}/{version}")
+    assert pipeline.promote(recipe, version).promoted
+    return version

@@ -229,7 +229,8 @@ def test_distill_datagen_labels_with_a_w8a16_champion(tiny_vllm, tiny_checkpoint
         "generate.min_ascii_share=0", f"generate.work_dir={tmp_path / 'work'}", "engine.max_model_len=1024",
         "engine.cpu_kv_cache_gib=0.25"])
     with stage_run(recipe, "quantize", model="tiny:llama"):
-        version = str(registry.register_checkpoint(w8, "arenaflow", tags={"quantization": "W8A16"}).version)
+        example = read_prepared(small_data).head(2)
+        version = str(registry.register_model(w8, "arenaflow", recipe, example, tags={"quantization": "W8A16"}).version)
     MlflowClient().set_registered_model_alias("arenaflow", "champion", version)
     with mlflow.start_run() as run:
         ds = stage.generate_dataset(recipe, engines={tiny_checkpoint: tiny_vllm}, progress=False)

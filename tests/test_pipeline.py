@@ -11,35 +11,15 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from conftest import MTBENCH, PANDALM, RECIPE, ROOT, TINY
+
 from arenaflow import cli, pipeline, registry
 from arenaflow.recipe import load_recipe
 from arenaflow.data import fetch_artifacts
-from arenaflow.tracking import stage_run
-
-ROOT = Path(__file__).resolve().parents[1]
-MTBENCH = ROOT / "data" / "mtbench_human_turn1.csv"
-PANDALM = ROOT / "data" / "pandalm_test.csv"
-RECIPE = str(ROOT / "experiments" / "cpu-smollm2.yaml")
-TINY = [f"data.files={MTBENCH},{PANDALM}", "model.base=tiny:llama", "engine.backend=transformers",
-        "train.max_valid_rows=16", "prompt.max_length=128", "engine.shard_rows=8"]
-
 
 @pytest.fixture
 def recipe():
     return load_recipe(RECIPE, TINY)
-
-
-@pytest.fixture(scope="module")
-def champion(module_store, tiny_checkpoint):
-    """The tiny checkpoint registered, evaluated and promoted once per module (in `module_store`):
-    models:/arenaflow@champion exists."""
-    recipe = load_recipe(RECIPE, TINY)
-    with stage_run(recipe, "quantize", model="tiny:llama"):
-        version = str(registry.register_checkpoint(tiny_checkpoint, recipe.registry.model_name,
-                                                   tags={"quantization": "none"}).version)
-    pipeline.evaluate(recipe, model=f"models:/{recipe.registry.model_name}/{version}")
-    assert pipeline.promote(recipe, version).promoted
-    return version
 
 
 def run_datagen() -> str:
@@ -90,12 +70,14 @@ def test_infer_without_champion_says_how_to_make_one(store, capsys):
     assert "arenaflow@champion" in error and "mlflow run . -e main" in error
 
 
-def test_evaluate_tags_version_and_logs_figures(champion, recipe):
+def test_evaluate_logs_figures_on_the_version_model_and_dataset(champion, recipe):
     name = recipe.registry.model_name
-    tags = MlflowClient().get_model_version(name, champion).tags
-    assert 0 < float(tags["log_loss"]) < 5 and tags["eval_dataset_digest"]
     (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name(recipe.name).experiment_id],
                                        filter_string="tags.stage = 'evaluate'")
+    model_id = MlflowClient().get_model_version(name, champion).source.removeprefix("models:/")
+    on_model = {m.key: m for m in mlflow.get_logged_model(model_id).metrics}
+    assert on_model["log_loss"].value == run.data.metrics["log_loss"]  # the run's figure, on the model too
+    assert on_model["log_loss"].dataset_digest == run.data.tags["eval_dataset_digest"]
     for key in ("log_loss", "accuracy", "samples_per_s", "tokens_per_s", "length_baseline_log_loss",
                 "class_prior_log_loss", "mean_p_tie"):
         assert key in run.data.metrics, key
@@ -176,8 +158,10 @@ def test_finetune_then_quantize_registers_a_tagged_version(store, recipe, tmp_pa
     assert tta_per_call == [False]  # zero-shot in one A/B order, like the finetuned validation figure
     version = pipeline.quantize(small, adapter=f"runs:/{finetune_run}/adapter")
     assert tta_per_call == [False, True, True]  # merged and quantized: both with the recipe's TTA
-    tags = MlflowClient().get_model_version(small.registry.model_name, version).tags
-    assert tags["quantization"] == "W4A16" and "quant_log_loss_delta" in tags and "merged_log_loss" in tags
+    mv = MlflowClient().get_model_version(small.registry.model_name, version)
+    assert mv.tags["quantization"] == "W4A16" and "Valid log_loss" in mv.description
+    on_model = {m.key for m in mlflow.get_logged_model(mv.source.removeprefix("models:/")).metrics}
+    assert {"log_loss", "merged_log_loss", "quant_log_loss_delta"} <= on_model
     checkpoint = registry.resolve_model_uri(f"models:/{small.registry.model_name}/{version}")
     config = json.loads((checkpoint / "config.json").read_text())
     assert config["quantization_config"]["format"] == "pack-quantized"
@@ -202,3 +186,12 @@ def test_main_reuses_only_finished_runs_with_same_params_and_commit(store):
     assert pipeline._finished_run("datagen", wanted, "abc", experiment) is None
     same = run(wanted)
     assert pipeline._finished_run("datagen", wanted, "abc", experiment).info.run_id == same
+
+
+def test_evaluate_scores_every_row_of_an_explicit_file(store, recipe, tmp_path, tiny_checkpoint):
+    """train.max_valid_rows (16 here) caps the recipe's own split, never a file the user names."""
+    frame = pd.read_csv(PANDALM, dtype=str, keep_default_na=False).head(30)
+    frame.to_csv(tmp_path / "labelled.csv", index=False)
+    figures = pipeline.evaluate(recipe, input=str(tmp_path / "labelled.csv"), model=str(tiny_checkpoint))
+    assert figures["rows"] == 30
+    assert pipeline.evaluate(recipe, model=str(tiny_checkpoint))["rows"] == 16

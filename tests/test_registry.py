@@ -6,13 +6,19 @@ import json
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
 from arenaflow import registry, tracking
+from arenaflow.data import canonicalize
+from arenaflow.recipe import Recipe
 from arenaflow.registry import RegistryError
 
 NAME = "arenaflow-test"
+EXAMPLE = canonicalize(pd.DataFrame({"id": ["1"], "prompt": ['["Hi"]'], "response_a": ['["a"]'],
+                                     "response_b": ['["b"]']}), Path("example.csv"))
+DATASETS = {name: mlflow.data.from_pandas(pd.DataFrame({"rows": [name]}), name=name) for name in ("d1", "d2")}
 
 
 def fake_checkpoint(root: Path, tag: str) -> Path:
@@ -25,11 +31,10 @@ def fake_checkpoint(root: Path, tag: str) -> Path:
 
 def register(tmp_path: Path, tag: str, log_loss: float | None = None, digest: str = "d1") -> str:
     with mlflow.start_run():
-        mv = registry.register_checkpoint(
-            fake_checkpoint(tmp_path, tag), NAME, {"quantization": "W4A16", "base_model": "tiny"}, f"ckpt {tag}"
-        )
-    if log_loss is not None:
-        registry.tag_version_with_eval(NAME, mv.version, {"log_loss": log_loss, "accuracy": 0.5}, digest)
+        mv = registry.register_model(fake_checkpoint(tmp_path, tag), NAME, Recipe(), EXAMPLE,
+                                     {"quantization": "W4A16", "base_model": "tiny"}, f"ckpt {tag}")
+        if log_loss is not None:
+            registry.log_version_metrics(NAME, mv.version, {"log_loss": log_loss, "accuracy": 0.5}, DATASETS[digest])
     return str(mv.version)
 
 
@@ -44,7 +49,8 @@ def test_tracking_uri_default_and_env(tmp_path, monkeypatch):
 def test_register_sets_source_tags_description(store, tmp_path):
     version = register(tmp_path, "one")
     mv = MlflowClient().get_model_version(NAME, version)
-    assert mv.source == f"runs:/{mv.run_id}/checkpoint"
+    assert mv.source.startswith("models:/m-")  # an MLflow Model, not run artifacts
+    assert mlflow.get_logged_model(mv.source.removeprefix("models:/")).source_run_id == mv.run_id
     assert mv.tags["quantization"] == "W4A16" and mv.tags["base_model"] == "tiny"
     assert mv.description == "ckpt one"
     assert register(tmp_path, "two") == str(int(version) + 1)
@@ -52,9 +58,9 @@ def test_register_sets_source_tags_description(store, tmp_path):
 
 def test_register_needs_active_run_and_checkpoint(store, tmp_path):
     with pytest.raises(RegistryError, match="active MLflow run"):
-        registry.register_checkpoint(fake_checkpoint(tmp_path, "x"), NAME, {}, "")
+        registry.register_model(fake_checkpoint(tmp_path, "x"), NAME, Recipe(), EXAMPLE, {}, "")
     with mlflow.start_run(), pytest.raises(RegistryError, match="config.json"):
-        registry.register_checkpoint(tmp_path / "nothing", NAME, {}, "")
+        registry.register_model(tmp_path / "nothing", NAME, Recipe(), EXAMPLE, {}, "")
     assert not MlflowClient().search_registered_models()
 
 
@@ -70,13 +76,13 @@ def test_failed_registration_leaves_no_registered_model(store, tmp_path, monkeyp
 
     monkeypatch.setattr(MlflowClient, "create_model_version", made_then_fails)
     with mlflow.start_run(), pytest.raises(RuntimeError, match="store down"):
-        registry.register_checkpoint(fake_checkpoint(tmp_path, "x"), NAME, {}, "")
+        registry.register_model(fake_checkpoint(tmp_path, "x"), NAME, Recipe(), EXAMPLE, {}, "")
     assert not MlflowClient().search_registered_models()
     monkeypatch.setattr(MlflowClient, "create_model_version", real)
     register(tmp_path, "kept")
     monkeypatch.setattr(MlflowClient, "create_model_version", boom)
     with mlflow.start_run(), pytest.raises(RuntimeError, match="store down"):
-        registry.register_checkpoint(fake_checkpoint(tmp_path, "y"), NAME, {}, "")
+        registry.register_model(fake_checkpoint(tmp_path, "y"), NAME, Recipe(), EXAMPLE, {}, "")
     assert [str(v.version) for v in MlflowClient().search_model_versions(f"name='{NAME}'")] == ["1"]
 
 
@@ -97,22 +103,18 @@ def test_promotion_rules(store, tmp_path):
     tie = registry.promote(NAME, register(tmp_path, "tie", log_loss=1.05))
     assert not tie.promoted  # strictly better only
 
+    d1, d2 = DATASETS["d1"].digest, DATASETS["d2"].digest
     other_data = registry.promote(NAME, register(tmp_path, "other", log_loss=0.5, digest="d2"))
-    assert not other_data.promoted and "different data" in other_data.reason
-    asked_other = registry.promote(NAME, register(tmp_path, "asked", log_loss=0.5), eval_digest="d2")
-    assert not asked_other.promoted and "d2" in asked_other.reason
+    assert not other_data.promoted and "same data" in other_data.reason and d2 in other_data.reason
+    asked_other = registry.promote(NAME, register(tmp_path, "asked", log_loss=0.5), eval_digest=d2)
+    assert not asked_other.promoted and d2 in asked_other.reason
 
     v_better = register(tmp_path, "better", log_loss=0.9)
-    better = registry.promote(NAME, v_better, eval_digest="d1")
+    better = registry.promote(NAME, v_better, eval_digest=d1)
     assert better.promoted and better.previous_version == v1
     assert "0.9" in better.reason and "1.05" in better.reason
     assert registry.alias_version(NAME) == v_better
-    assert better.figures == {
-        "candidate_log_loss": 0.9,
-        "candidate_eval_dataset_digest": "d1",
-        "champion_log_loss": 1.05,
-        "champion_eval_dataset_digest": "d1",
-    }
+    assert better.figures == {"candidate_log_loss": 0.9, "champion_log_loss": 1.05, "dataset_digest": d1}
     again = registry.promote(NAME, v_better)
     assert not again.promoted and "already" in again.reason
     assert client.get_model_version(NAME, v_better).tags["promotion"].startswith("promoted")
@@ -135,11 +137,12 @@ def test_promotion_tag_failure_puts_alias_back(store, tmp_path, monkeypatch):
     assert registry.alias_version(NAME) == v1
 
 
-def test_eval_tags_reject_non_finite(store, tmp_path):
+def test_version_metrics_reject_non_finite(store, tmp_path):
     version = register(tmp_path, "one")
-    with pytest.raises(RegistryError, match="finite"):
-        registry.tag_version_with_eval(NAME, version, {"log_loss": float("nan")}, "d1")
-    assert "eval_dataset_digest" not in MlflowClient().get_model_version(NAME, version).tags
+    with mlflow.start_run(), pytest.raises(RegistryError, match="finite"):
+        registry.log_version_metrics(NAME, version, {"accuracy": 0.5, "log_loss": float("nan")}, DATASETS["d1"])
+    model_id = MlflowClient().get_model_version(NAME, version).source.removeprefix("models:/")
+    assert not mlflow.get_logged_model(model_id).metrics
 
 
 def test_resolve_uris(store, tmp_path):

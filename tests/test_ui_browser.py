@@ -9,9 +9,12 @@ tmp_path/screenshots).
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -23,10 +26,8 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 ROOT = Path(__file__).resolve().parents[1]
 # The embedded default recipe on tiny random models, scored by the transformers engine on 24 rows.
-OVERRIDES = [
-    "engine.backend=transformers", "train.max_valid_rows=24",
-    f"data.files={ROOT / 'data' / 'mtbench_human_turn1.csv'},{ROOT / 'data' / 'pandalm_test.csv'}",
-]
+OVERRIDES_FILES = (ROOT / "data" / "mtbench_human_turn1.csv", ROOT / "data" / "pandalm_test.csv")
+OVERRIDES = ["engine.backend=transformers", "train.max_valid_rows=24", "data.files=" + ",".join(map(str, OVERRIDES_FILES))]
 
 
 @dataclass
@@ -45,6 +46,7 @@ def populate_store(tmp_path: Path) -> Store:
     from mlflow import MlflowClient
 
     from arenaflow import registry
+    from arenaflow.data import load_rows
     from arenaflow.models import build_tiny_llama
     from arenaflow.pipeline import evaluate, promote
     from arenaflow.recipe import load_recipe
@@ -60,8 +62,9 @@ def populate_store(tmp_path: Path) -> Store:
         for seed in (0, 1):
             checkpoint = build_tiny_llama(tmp_path / f"tiny-llama-{seed}", seed=seed)
             with stage_run(recipe, "quantize", model=f"tiny:llama seed {seed}"):
-                versions.append(str(registry.register_checkpoint(
-                    checkpoint, name, tags={"quantization": "none"}, description=f"tiny random Llama, seed {seed}").version))
+                versions.append(str(registry.register_model(
+                    checkpoint, name, recipe, load_rows(OVERRIDES_FILES[1]).head(3), tags={"quantization": "none"},
+                    description=f"tiny random Llama, seed {seed}").version))
             evaluate(recipe, model=f"models:/{name}/{versions[-1]}")
             promote(recipe, version=versions[-1])
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -94,22 +97,6 @@ CHROMIUM_FLAGS = [
 # localStorage keys of MLflow 3.17's UI: keep the "MLflow Assistant" side panel closed.
 QUIET_UI = {"mlflow.assistant.panelOpen_v1": "false", "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": "true"}
 
-# In the compare view, metric names and values are two react-virtualized grids whose cells line up
-# by their `top`; return the values in the row of metric `arguments[0]`, left to right.
-METRIC_ROW_JS = """
-const name = arguments[0];
-const link = [...document.querySelectorAll('a[title="Plot chart"]')].find(a => a.textContent.trim() === name);
-if (!link) return null;
-const cell = link.parentElement, top = cell.style.top;
-let sec = cell;
-while (sec && sec.querySelectorAll('.ReactVirtualized__Grid').length < 2) sec = sec.parentElement;
-if (!sec) return null;
-const grids = sec.querySelectorAll('.ReactVirtualized__Grid');
-return [...grids[grids.length - 1].querySelectorAll('.ReactVirtualized__Grid__innerScrollContainer > div')]
-  .filter(c => c.style.top === top)
-  .sort((a, b) => parseFloat(a.style.left) - parseFloat(b.style.left))
-  .map(c => c.textContent.trim());
-"""
 
 
 class Browser:
@@ -150,21 +137,6 @@ class Browser:
                 f"screenshot: {failed}\npage text:\n{self.body()[:3000]}"
             )
 
-    def scroll_to(self, element) -> None:
-        self.d.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
-
-    def click(self, element) -> None:
-        self.scroll_to(element)
-        element.click()
-
-
-def _find(browser: Browser, css: str, visible: bool = True):
-    """The first element matching `css` (the first displayed one, unless `visible=False`), or None."""
-    for element in browser.d.find_elements("css selector", css):
-        if not visible or element.is_displayed():
-            return element
-    return None
-
 
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory):
@@ -200,73 +172,34 @@ def ui(tmp_path_factory):
             driver.quit()
 
 
-def _parse_floats(cells: list[str]) -> list[float]:
-    out = []
-    for c in cells:
-        try:
-            out.append(float(c.replace(",", "")))
-        except ValueError:
-            pass
-    return out
+def _numbers(text: str) -> list[float]:
+    return [float(x) for x in re.findall(r"\d+\.\d+", text)]
+
+
+def _shows(text: str, value: float, tolerance: float = 1e-3) -> bool:
+    return any(abs(x - value) < tolerance for x in _numbers(text))
 
 
 def test_compare_evaluate_runs(ui):
+    """What a user compares: the two evaluate runs side by side with their names and log_loss."""
     browser, store = ui
-    run_names = [run["name"] for run in store.eval_runs.values()]
+    ids = json.dumps(list(store.eval_runs))
+    browser.open(f"/compare-runs?runs={quote(ids)}&experiments={quote(json.dumps([store.experiment_id]))}")
+    browser.wait("the compare-runs page with both runs' names and log_loss", lambda b: (
+        "Comparing 2 Runs" in (body := b.body()) and "log_loss" in body
+        and all(run["name"] in body and _shows(body, run["log_loss"]) for run in store.eval_runs.values())))
+    browser.shot("01-compare-evaluate-runs")
 
-    # 1. The experiment's runs table, filtered to the evaluate stage.
-    browser.open(f"/experiments/{store.experiment_id}/runs?workflowType=machine_learning")
-    search = browser.wait("the runs search box", lambda b: _find(b, '[data-testid="search-box"]'))
-    browser.wait("the runs table", lambda b: "matching run" in b.body())
-    search.send_keys('tags.stage = "evaluate"\n')
-    browser.wait("the filter in the URL", lambda b: "searchFilter=tags.stage" in b.d.current_url)
-    rows = {rid: f'[role="row"][row-id="{rid}"]' for rid in store.eval_runs}
-    browser.wait(
-        f"{len(rows)} evaluate runs listed",
-        lambda b: all(_find(b, css) for css in rows.values()) and f"{len(rows)} matching runs" in b.body(),
-    )
-    browser.shot("01-experiment-evaluate-runs")
 
-    # 2. Select both evaluate runs; the Compare button appears.
-    for css in rows.values():
-        box = browser.wait(
-            "a run's checkbox", lambda b, css=css: _find(b, f"{css} input.ag-checkbox-input", visible=False)
-        )
-        browser.click(box)
-    browser.wait(
-        "both runs checked",
-        lambda b: all(
-            _find(b, f"{css} input.ag-checkbox-input:checked", visible=False) for css in rows.values()
-        ),
-    )
-    compare = browser.wait(
-        "the Compare button",
-        lambda b: (btn := _find(b, '[data-testid="runs-compare-button"]')) and btn.is_enabled() and btn,
-    )
-    browser.shot("02-evaluate-runs-selected")
-
-    # 3. The compare view: log_loss with both runs' values.
-    browser.click(compare)
-    browser.wait(
-        "the compare-runs page",
-        lambda b: "/compare-runs" in b.d.current_url and "Comparing 2 Runs" in b.body(),
-    )
-    assert all(rid in browser.d.current_url for rid in store.eval_runs), browser.d.current_url
-    values = browser.wait(
-        "log_loss values for both runs",
-        lambda b: (v := b.d.execute_script(METRIC_ROW_JS, "log_loss")) and len(_parse_floats(v)) == 2 and v,
-    )
-    body = browser.body()
-    for name in run_names:
-        assert name in body, f"run name {name!r} missing from the compare view"
-    metrics_header = browser.d.find_element(
-        "xpath", "//div[contains(@class,'collapse-header')][normalize-space()='Metrics']"
-    )
-    browser.d.execute_script("arguments[0].scrollIntoView({block: 'start'})", metrics_header)
-    browser.shot("03-compare-log-loss")
-    shown = sorted(_parse_floats(values))
-    expected = sorted(run["log_loss"] for run in store.eval_runs.values())
-    assert shown == pytest.approx(expected, abs=1e-3), f"log_loss row shows {values}, expected {expected}"
+def test_models_view_lists_versions_with_log_loss(ui):
+    """MLflow 3's Models view of the experiment: each registered version's model with its log_loss."""
+    browser, store = ui
+    browser.d.set_window_size(3200, 1000)  # the metric columns come after the model's attributes
+    browser.open(f"/experiments/{store.experiment_id}/models?workflowType=machine_learning")
+    browser.wait("both models with their log_loss", lambda b: (
+        "log_loss" in (body := b.body()) and all(_shows(body, run["log_loss"]) for run in store.eval_runs.values())))
+    browser.shot("02-experiment-models")
+    browser.d.set_window_size(1600, 1000)
 
 
 def test_registered_model_champion_alias(ui):
@@ -282,7 +215,7 @@ def test_registered_model_champion_alias(ui):
         return found if set(store.model_versions) <= set(found) else None
 
     rows = browser.wait(f"versions {store.model_versions} of {store.model}", rows_by_version)
-    browser.shot("04-registered-model-champion")
+    browser.shot("03-registered-model-champion")
     champion = store.champion
     # The alias is a cell of its own; the word also appears inside the `promotion` tag's reason.
     assert "@ champion" in rows[champion].splitlines(), (
@@ -290,8 +223,9 @@ def test_registered_model_champion_alias(ui):
     )
     others = [v for v in store.model_versions if v != champion and "@ champion" in rows[v].splitlines()]
     assert not others, f"'champion' also shown on versions {others}"
-    # The version's tags carry its evaluated log_loss.
-    assert "log_loss" in rows[champion]
+    browser.open(f"/models/{store.model}/versions/{champion}")
+    browser.wait("the champion version's description", lambda b: f"tiny random Llama, seed {int(champion) - 1}" in b.body())
+    browser.shot("04-champion-version")
 
 
 def test_run_image_artifact_is_served(ui):

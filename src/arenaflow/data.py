@@ -303,20 +303,21 @@ def load_split(data_uri: str, recipe: Recipe) -> tuple[pd.DataFrame, pd.DataFram
 
 
 def evaluation_rows(recipe: Recipe, input: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train rows for the length baseline, labelled rows to score) for evaluate's `input`."""
-    if input.startswith("runs:/") or (input and Path(input).is_dir()):
-        train, valid = load_split(input, recipe)
+    """(train rows for the length baseline, labelled rows to score) for evaluate's `input`: the recipe's
+    valid split (no input, or a datagen output), capped at `train.max_valid_rows`; or every row of a file."""
+    if input and not input.startswith("runs:/") and not Path(input).is_dir():
+        train, rows = recipe_split(recipe).train, read_prepared(input)  # a user's file: every row, no cap
     else:
-        prepared = recipe_split(recipe)
-        train, valid = prepared.train, read_prepared(input) if input else prepared.valid
-    rows = subsample(valid, recipe.train.max_valid_rows, recipe.data.seed)
+        train, valid = load_split(input, recipe)
+        rows = subsample(valid, recipe.train.max_valid_rows, recipe.data.seed)
     if (rows["label"] < 0).any():
         raise DataError(f"{input or 'valid split'}: evaluate needs labelled rows (winner_* columns)")
     return train, rows
 
 
-def log_rows_dataset(rows: pd.DataFrame, source: str | Path, name: str, context: str) -> str:
-    """Log rows as an MLflow dataset input; returns its digest (covers every column, turns included)."""
+def log_rows_dataset(rows: pd.DataFrame, source: str | Path, name: str, context: str):
+    """Log rows as an MLflow dataset input of the active run; returns the MLflow dataset (its digest
+    covers every column, turns included; metrics measured on it can name it)."""
     import mlflow
 
     flat = rows.copy()
@@ -330,4 +331,4 @@ def log_rows_dataset(rows: pd.DataFrame, source: str | Path, name: str, context:
         source = RunsArtifactRepository.get_underlying_uri(source)
     dataset = mlflow.data.from_pandas(flat, source=source, name=name, targets=targets)
     mlflow.log_input(dataset, context=context)
-    return dataset.digest
+    return dataset

@@ -52,9 +52,9 @@ def datagen(recipe: Recipe, input: str = "", prompts_file: str = "") -> str:
             out = Path(tmp) / "data"
             for split, rows, context in (("train", prepared.train, "training"), ("valid", prepared.valid, "validation")):
                 data_mod.write_parquet(rows, out / f"{split}.parquet")
-                digest = log_rows_dataset(rows, source=",".join(map(str, files)), name=f"{recipe.name}-{split}",
-                                          context=context)
-                mlflow.set_tag(f"{split}_digest", digest)
+                dataset = log_rows_dataset(rows, source=",".join(map(str, files)), name=f"{recipe.name}-{split}",
+                                           context=context)
+                mlflow.set_tag(f"{split}_digest", dataset.digest)
             mlflow.log_artifacts(str(out), "data")
         counts = ", ".join(f"{k}={v}" for k, v in prepared.counts.items())
         print(f"datagen: {counts}; artifacts at runs:/{run.info.run_id}/data")
@@ -62,13 +62,14 @@ def datagen(recipe: Recipe, input: str = "", prompts_file: str = "") -> str:
 
 
 def evaluate(recipe: Recipe, input: str = "", model: str = "") -> dict[str, float]:
-    """Score labelled rows with a model; log log_loss & co, plots, predictions; tag a registry version."""
+    """Score labelled rows with a model; log log_loss & co (against the version's MLflow Model and the
+    evaluation dataset when the model is a registered version), plots, predictions."""
     ref = resolve_model_ref(model, recipe)
     train, rows = evaluation_rows(recipe, input)
     labels = rows["label"].to_numpy()
     with stage_run(recipe, "evaluate", model=ref.uri,
                    precision=checkpoint_precision(ref.checkpoint, recipe.engine.dtype)) as run:
-        digest = log_rows_dataset(rows, source=input or "recipe valid split", name="eval", context="evaluation")
+        dataset = log_rows_dataset(rows, source=input or "recipe valid split", name="eval", context="evaluation")
         scorer, builder = open_scorer(ref.checkpoint, recipe)
         with scorer:
             result = predict(scorer, builder, rows, recipe.engine.swap_tta)
@@ -77,9 +78,12 @@ def evaluate(recipe: Recipe, input: str = "", model: str = "") -> dict[str, floa
             figures["log_loss_without_tta"] = preference_metrics(result.probs_one_order, labels)["log_loss"]
         figures.update(reference_log_losses(train, rows))
         figures["rows"] = float(len(rows))
-        mlflow.log_metrics({**figures, **speed_metrics(len(rows), result.seconds, result.prompt_tokens,
-                                                        result.startup_seconds)})
-        mlflow.set_tags({"eval_dataset_digest": digest, "model_uri": ref.uri,
+        mlflow.log_metrics(speed_metrics(len(rows), result.seconds, result.prompt_tokens, result.startup_seconds))
+        if ref.version:  # the figures belong to the version's model and this dataset too
+            registry.log_version_metrics(ref.registered_name, ref.version, figures, dataset)
+        else:
+            mlflow.log_metrics(figures)
+        mlflow.set_tags({"eval_dataset_digest": dataset.digest, "model_uri": ref.uri,
                          "model_version": ref.version or "", "swap_tta": str(recipe.engine.swap_tta)})
         with tempfile.TemporaryDirectory() as tmp:
             for plot in save_plots(result.probs, labels, Path(tmp)):
@@ -88,8 +92,6 @@ def evaluate(recipe: Recipe, input: str = "", model: str = "") -> dict[str, floa
                 p_a=result.probs[:, 0], p_b=result.probs[:, 1], p_tie=result.probs[:, 2])
             predictions.to_csv(Path(tmp) / "predictions.csv", index=False)
             mlflow.log_artifact(str(Path(tmp) / "predictions.csv"))
-        if ref.version:
-            registry.tag_version_with_eval(ref.registered_name, ref.version, figures, digest)
         print(f"evaluate {ref.uri}: " + ", ".join(f"{k}={v:.4f}" for k, v in figures.items())
               + f"; {result.samples_per_s:.2f} samples/s (run {run.info.run_id})")
         return figures
@@ -121,8 +123,8 @@ def infer(recipe: Recipe, input: str, output: str = "submission.csv", model: str
     shard_root = output_path.with_name(output_path.name + ".shards")
     with stage_run(recipe, "infer", model=ref.uri,
                    precision=checkpoint_precision(ref.checkpoint, recipe.engine.dtype)) as run:
-        digest = log_rows_dataset(rows, source=input, name="infer-input", context="inference")
-        manifest = {"input": str(input), "input_digest": digest, "rows": len(rows), "model": ref.uri,
+        dataset = log_rows_dataset(rows, source=input, name="infer-input", context="inference")
+        manifest = {"input": str(input), "input_digest": dataset.digest, "rows": len(rows), "model": ref.uri,
                     "version": ref.version, "checkpoint": str(ref.checkpoint) if not ref.version else None,
                     "prompt": dataclasses.asdict(recipe.prompt), "engine": dataclasses.asdict(recipe.engine)}
         opened: list = []  # the engine, started by the first shard that needs one
@@ -176,8 +178,9 @@ def finetune(recipe: Recipe, data: str = "") -> str:
     valid = subsample(valid, recipe.train.max_valid_rows, recipe.data.seed)
     with stage_run(recipe, "finetune") as run:
         log_rows_dataset(train, source=data or "recipe split", name=f"{recipe.name}-train", context="training")
-        digest = log_rows_dataset(valid, source=data or "recipe split", name=f"{recipe.name}-valid", context="validation")
-        mlflow.set_tag("eval_dataset_digest", digest)
+        dataset = log_rows_dataset(valid, source=data or "recipe split", name=f"{recipe.name}-valid",
+                                   context="validation")
+        mlflow.set_tag("eval_dataset_digest", dataset.digest)
         # Zero-shot first, in its own engine: bitsandbytes must not see a forward before training. One A/B
         # order (no swap-TTA), like the finetuned figure it is compared with.
         one_order = dataclasses.replace(recipe, engine=dataclasses.replace(recipe.engine, swap_tta=False))
@@ -202,14 +205,16 @@ def finetune(recipe: Recipe, data: str = "") -> str:
 
 def quantize(recipe: Recipe, adapter: str, data: str = "") -> str:
     """Merge the adapter into a full-precision base, quantize (AWQ W4A16/W8A16), evaluate both on
-    the same valid rows, register the quantized checkpoint as a new version. Returns the version."""
+    the same valid rows, register the quantized checkpoint as a new version (an MLflow Model whose
+    metrics are those figures on the valid dataset). Returns the version."""
     check_quant_config(recipe.quant)  # before merging, not after
     base = resolve_model(recipe.model.base)
     train, valid = load_split(data, recipe)
     valid = subsample(valid, recipe.train.max_valid_rows, recipe.data.seed)
     labels = valid["label"].to_numpy()
     with stage_run(recipe, "quantize") as run, tempfile.TemporaryDirectory() as tmp:
-        digest = log_rows_dataset(valid, source=data or "recipe split", name=f"{recipe.name}-valid", context="validation")
+        dataset = log_rows_dataset(valid, source=data or "recipe split", name=f"{recipe.name}-valid",
+                                   context="validation")
         merged = merge_adapter(base, fetch_artifacts(adapter), Path(tmp) / "merged", recipe.quant.merge_dtype,
                                recipe.quant.merge_base)
         calibration_builder = PromptBuilder(load_tokenizer(merged),
@@ -222,16 +227,15 @@ def quantize(recipe: Recipe, adapter: str, data: str = "") -> str:
         figures["quant_log_loss_delta"] = figures["log_loss"] - merged_figures["log_loss"]
         figures["merged_size_mb"] = checkpoint_size_bytes(merged) / 2**20
         figures["quantized_size_mb"] = checkpoint_size_bytes(quantized) / 2**20
-        mlflow.log_metrics(figures)
-        version = registry.register_checkpoint(
-            quantized, recipe.registry.model_name,
+        version = registry.register_model(
+            quantized, recipe.registry.model_name, recipe, example=valid.head(3),
             tags={"quantization": recipe.quant.scheme, "quant_method": recipe.quant.method,
                   "group_size": str(recipe.quant.group_size), "base_model": recipe.model.base,
                   "recipe": recipe.name, "adapter": adapter},
             description=(f"{recipe.model.base} finetuned by recipe {recipe.name}, merged in "
                          f"{recipe.quant.merge_dtype}, quantized {recipe.quant.scheme} ({recipe.quant.method}). "
                          f"Valid log_loss {figures['log_loss']:.4f} (merged {merged_figures['log_loss']:.4f})."))
-        registry.tag_version_with_eval(recipe.registry.model_name, version.version, figures, digest)
+        registry.log_version_metrics(recipe.registry.model_name, version.version, figures, dataset)
         mlflow.set_tag("registered_version", str(version.version))
         print(f"quantize: {recipe.quant.scheme} log_loss={figures['log_loss']:.4f} (merged "
               f"{merged_figures['log_loss']:.4f}, delta {figures['quant_log_loss_delta']:+.4f}); registered "

@@ -1,33 +1,32 @@
-"""The model registry: register checkpoints, promote a champion, resolve URIs.
+"""The model registry: register versions, promote a champion, resolve model references.
 
-A model version is a Hugging Face checkpoint directory logged as run artifacts under `checkpoint`
-(source `runs:/<run_id>/checkpoint`). Evaluation figures live on the version as tags (`log_loss`,
-`eval_dataset_digest`, ...), written by `tag_version_with_eval`. `promote` moves the `champion` alias
-to a candidate only when it is strictly better on the same evaluation data, and records why on the
-version (`promotion` tag). `infer` turns `models:/arenaflow@champion` into a local directory with
-`resolve_model_uri`.
-
-Only calls that work in MLflow 3.17 with a sqlite store are used: `mlflow.register_model` on a
-`runs:/` source fails there and leaves an empty registered model, so versions are made with
-`MlflowClient.create_model_version`.
+A model version is an MLflow Model (servable.py: pyfunc, the checkpoint in its artifacts, what scoring needs
+from the recipe in its model config), logged by the run that made it and registered from its LoggedModel.
+Evaluation figures are metrics of that LoggedModel, each tied to the dataset it was measured on (MLflow's
+Models view lists them side by side). `promote` moves the `champion` alias to a candidate only when its
+log_loss is strictly lower than the holder's on the same dataset (same digest), and records why on the
+version (`promotion` tag). `infer` and `evaluate` turn `models:/arenaflow@champion` into the local
+checkpoint with `resolve_model_uri`; `mlflow.pyfunc.load_model` and `mlflow models serve` use the model.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
+import pandas as pd
+import yaml
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from .models import resolve_model
 from .recipe import Recipe
 
-CHECKPOINT_ARTIFACT = "checkpoint"
-DIGEST_TAG = "eval_dataset_digest"
 PROMOTION_TAG = "promotion"
 MAKE_ONE_HINT = "run `mlflow run . -e main --env-manager local` (or evaluate + promote) to make one"
 
@@ -44,22 +43,26 @@ def _missing(exc: MlflowException) -> bool:
     return getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
 
 
-def register_checkpoint(checkpoint: Path, name: str, tags: dict, description: str = "") -> ModelVersion:
-    """Log `checkpoint` into the active run under `checkpoint/` and register it as a new version of `name`.
+def register_model(checkpoint: Path, name: str, recipe: Recipe, example: pd.DataFrame, tags: dict,
+                   description: str = "") -> ModelVersion:
+    """Log `checkpoint` as the active run's MLflow Model (servable.log_model) and register it as a new
+    version of `name`, linked to its LoggedModel (`version.model_id`).
 
-    The registered model is created when missing. Tags (evaluation figures, quantization, base model...)
-    are stringified and set with the version in one call. On failure, the version and (if this call
-    created it) the registered model are deleted again; the run keeps its logged artifacts.
+    The registered model is created when missing. Tags (quantization, base model...) are stringified and
+    set with the version in one call. On failure, the version and (if this call created it) the
+    registered model are deleted again; the run keeps its logged model.
     """
+    from .servable import log_model
+
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir() or not (checkpoint / "config.json").is_file():
         raise RegistryError(f"{checkpoint}: not a checkpoint directory (no config.json)")
     run = mlflow.active_run()
     if run is None:
-        raise RegistryError("register_checkpoint needs an active MLflow run (wrap it in mlflow.start_run())")
+        raise RegistryError("register_model needs an active MLflow run (wrap it in mlflow.start_run())")
     run_id = run.info.run_id
     str_tags = {str(k): str(v) for k, v in (tags or {}).items()}
-    mlflow.log_artifacts(str(checkpoint), CHECKPOINT_ARTIFACT)
+    info = log_model(checkpoint, recipe, example)
 
     client = _client()
     created_model = False
@@ -74,19 +77,16 @@ def register_checkpoint(checkpoint: Path, name: str, tags: dict, description: st
         except MlflowException as exc2:  # made by someone else in between: use theirs
             if getattr(exc2, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
                 raise
-    source = f"runs:/{run_id}/{CHECKPOINT_ARTIFACT}"
     before = _versions_from(client, name, run_id)
     version = None
     try:
-        version = client.create_model_version(
-            name,
-            source=source,
-            run_id=run_id,
-            tags=str_tags,
-            description=description or None,
-        )
+        version = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=str_tags,
+                                              description=description or None, model_id=info.model_id)
         if version.status != "READY":
             raise RegistryError(f"{name} version {version.version} ended as {version.status}: {version.status_message}")
+        # What mlflow.register_model does for a LoggedModel: the Models view links the model to its version.
+        client.set_logged_model_tags(info.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
+            [{"name": name, "version": str(version.version)}])})
         return version
     except BaseException:
         _cleanup(client, name, run_id, before, created_model)
@@ -98,7 +98,7 @@ def _versions_from(client: MlflowClient, name: str, run_id: str) -> set[str]:
 
 
 def _cleanup(client: MlflowClient, name: str, run_id: str, before: set[str], created_model: bool) -> None:
-    """Best-effort removal of what a failed `register_checkpoint` made (never masks the first error).
+    """Best-effort removal of what a failed `register_model` made (never masks the first error).
 
     The versions made are found by run id (a create call can fail after the version exists, e.g. while
     awaiting its READY status, without returning it)."""
@@ -166,7 +166,9 @@ def resolve_model_uri(uri: str, dst_path: str | Path | None = None) -> Path:
     client = _client()
     target = text
     if text.startswith("runs:/") and "/" not in text[len("runs:/") :].strip("/"):
-        target = f"runs:/{text[len('runs:/') :].strip('/')}/{CHECKPOINT_ARTIFACT}"  # a bare run: its checkpoint
+        from .servable import MODEL_ARTIFACT
+
+        target = f"runs:/{text[len('runs:/') :].strip('/')}/{MODEL_ARTIFACT}"  # a bare run: its model
     if text.startswith("models:/"):
         name, alias, version = parse_models_uri(text)
         if alias is not None:
@@ -186,11 +188,23 @@ def resolve_model_uri(uri: str, dst_path: str | Path | None = None) -> Path:
                     f"no version {version} of model {name}; {MAKE_ONE_HINT} (registry: {mlflow.get_registry_uri()})"
                 ) from None
     try:
-        return Path(
-            mlflow.artifacts.download_artifacts(artifact_uri=target, dst_path=str(dst_path) if dst_path else None)
-        )
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=target,
+                                                         dst_path=str(dst_path) if dst_path else None))
     except MlflowException as exc:
         raise RegistryError(f"cannot download {text}: {exc.message}") from exc
+    return model_checkpoint(local)
+
+
+def model_checkpoint(local: Path) -> Path:
+    """The checkpoint directory inside a downloaded MLflow Model (its `checkpoint` artifact); a plain
+    checkpoint directory is returned as it is."""
+    if not (local / "MLmodel").exists():
+        return local
+    flavor = yaml.safe_load((local / "MLmodel").read_text()).get("flavors", {}).get("python_function", {})
+    path = (flavor.get("artifacts") or {}).get("checkpoint", {}).get("path")
+    if not path:
+        raise RegistryError(f"{local}: an MLflow Model without a `checkpoint` artifact; not an arenaflow version")
+    return local / path
 
 
 def _number(text: str | None) -> float | None:
@@ -205,30 +219,42 @@ def _fmt(value: float | None) -> str:
     return "missing" if value is None else f"{value:.6g}"
 
 
-def tag_version_with_eval(name: str, version: str | int, metrics: dict, dataset_digest: str) -> None:
-    """Write evaluation figures (`log_loss`, ...) and the evaluation data's digest as version tags.
+def _model_id(mv: ModelVersion | None) -> str | None:
+    """The LoggedModel behind a version: its `model_id`, which MLflow 3.17's sqlite store leaves empty,
+    else the `models:/m-...` source it was registered from (None for a version of run artifacts)."""
+    if mv is None:
+        return None
+    source = mv.source or ""
+    return mv.model_id or (source.removeprefix("models:/") if source.startswith("models:/m-") else None)
 
-    The digest tag is removed first and written last, so an interrupted call leaves figures without a
-    digest, which `promote` refuses to compare, never figures paired with another data set's digest.
-    """
-    if not dataset_digest:
-        raise RegistryError("tag_version_with_eval needs the evaluation data's digest")
+
+def log_version_metrics(name: str, version: str | int, metrics: dict, dataset) -> None:
+    """Log evaluation figures into the active run, against the version's LoggedModel and the MLflow
+    dataset they were measured on (MLflow's Models view shows them per model and dataset)."""
     figures = {}
     for key, value in metrics.items():
         number = _number(value)
         if number is None:
             raise RegistryError(f"metric {key}={value!r} is not a finite number")
         figures[str(key)] = number
-    client = _client()
-    version = str(version)
-    try:
-        client.delete_model_version_tag(name, version, DIGEST_TAG)
-    except MlflowException as exc:
-        if not _missing(exc):
-            raise
-    for key, number in figures.items():
-        client.set_model_version_tag(name, version, key, repr(number))
-    client.set_model_version_tag(name, version, DIGEST_TAG, str(dataset_digest))
+    model_id = _model_id(_client().get_model_version(name, str(version)))
+    if not model_id:
+        raise RegistryError(f"{name} version {version} has no MLflow Model (registered before versions were "
+                            "MLflow Models); register it again with quantize")
+    mlflow.log_metrics(figures, model_id=model_id, dataset=dataset)
+
+
+def _metric_by_dataset(client: MlflowClient, mv: ModelVersion | None, metric: str) -> dict[str, float]:
+    """{dataset digest: latest value} of a version's LoggedModel metric ({} without a model)."""
+    model_id = _model_id(mv)
+    if not model_id:
+        return {}
+    latest: dict[str, tuple[int, float]] = {}
+    for m in client.get_logged_model(model_id).metrics or []:
+        if m.key == metric and m.dataset_digest and math.isfinite(m.value):
+            if m.dataset_digest not in latest or m.timestamp >= latest[m.dataset_digest][0]:
+                latest[m.dataset_digest] = (m.timestamp, m.value)
+    return {digest: value for digest, (_, value) in sorted(latest.items(), key=lambda kv: kv[1][0])}
 
 
 @dataclass
@@ -247,9 +273,9 @@ def promote(
     eval_digest: str | None = None,
     alias: str = "champion",
 ) -> PromotionDecision:
-    """Move `alias` to `name`/`version` if there is no holder, or if the candidate's `metric` tag is
-    strictly lower than the holder's on the same evaluation data (`eval_dataset_digest` tags equal;
-    `eval_digest`, when given, must also be the candidate's digest). The alias moves in one
+    """Move `alias` to `name`/`version` if there is no holder, or if the candidate's `metric` (a metric of
+    its LoggedModel) is strictly lower than the holder's on the same dataset (same digest: `eval_digest`
+    when given, else the candidate's latest dataset that the holder was also measured on). The alias moves in one
     `set_registered_model_alias` call; the decision is then tagged on the candidate (`promotion`), and
     the alias is put back if that tag cannot be written.
     """
@@ -263,43 +289,31 @@ def promote(
         raise RegistryError(f"no version {version} of model {name} to promote") from None
     champion = _version_for_alias(client, name, alias)
     previous = str(champion.version) if champion is not None else None
-    cand_value = _number(candidate.tags.get(metric))
-    cand_digest = candidate.tags.get(DIGEST_TAG)
-    figures: dict = {f"candidate_{metric}": cand_value, f"candidate_{DIGEST_TAG}": cand_digest}
-    if champion is not None:
-        figures[f"champion_{metric}"] = _number(champion.tags.get(metric))
-        figures[f"champion_{DIGEST_TAG}"] = champion.tags.get(DIGEST_TAG)
+    cand_values = _metric_by_dataset(client, candidate, metric)
+    champ_values = _metric_by_dataset(client, champion, metric)
+    # The dataset both were measured on: the requested one, else the candidate's latest shared with the champion.
+    shared = [d for d in cand_values if d in champ_values]
+    digest = eval_digest or (shared[-1] if shared else next(reversed(cand_values), None))
+    cand_value, champ_value = cand_values.get(digest), champ_values.get(digest)
+    figures: dict = {f"candidate_{metric}": cand_value, f"champion_{metric}": champ_value, "dataset_digest": digest}
 
     def decide() -> tuple[bool, str]:
         if previous == version:
             return False, f"version {version} already holds {name}@{alias}"
-        if eval_digest is not None and cand_digest != eval_digest:
-            return False, (
-                f"version {version} was evaluated on data {cand_digest or 'unknown'}, "
-                f"not on the requested {eval_digest}; evaluate it on that data first"
-            )
+        if eval_digest is not None and cand_value is None:
+            return False, (f"version {version} has no {metric} on dataset {eval_digest}; evaluate it on that data first")
         if champion is None:
             return True, f"no {name}@{alias} yet; version {version} ({metric} {_fmt(cand_value)}) takes it"
-        champ_value = figures[f"champion_{metric}"]
-        champ_digest = figures[f"champion_{DIGEST_TAG}"]
-        if cand_value is None or not cand_digest:
-            return False, f"version {version} has no {metric} or {DIGEST_TAG} tag; evaluate it first"
-        if champ_digest != cand_digest:
-            return False, (
-                f"{alias} version {previous} was evaluated on different data ({champ_digest or 'unknown'}) "
-                f"than version {version} ({cand_digest}); evaluate both on the same data before comparing"
-            )
+        if cand_value is None:
+            return False, f"version {version} has no {metric} on any dataset; evaluate it first"
         if champ_value is None:
-            return False, f"{alias} version {previous} has no {metric} tag on data {cand_digest}; evaluate it first"
+            return False, (f"{alias} version {previous} has no {metric} on dataset {digest} (version {version}'s "
+                           "latest evaluation); evaluate both on the same data before comparing")
         if cand_value < champ_value:
-            return True, (
-                f"{metric} {_fmt(cand_value)} < {_fmt(champ_value)} of {alias} version {previous} "
-                f"on data {cand_digest}"
-            )
-        return False, (
-            f"{metric} {_fmt(cand_value)} is not below {_fmt(champ_value)} of {alias} version {previous} "
-            f"on data {cand_digest}"
-        )
+            return True, (f"{metric} {_fmt(cand_value)} < {_fmt(champ_value)} of {alias} version {previous} "
+                          f"on dataset {digest}")
+        return False, (f"{metric} {_fmt(cand_value)} is not below {_fmt(champ_value)} of {alias} version "
+                       f"{previous} on dataset {digest}")
 
     promoted, reason = decide()
     decision = PromotionDecision(promoted, reason, previous, version, figures)

@@ -228,7 +228,7 @@ def log_dataset(dataset: GeneratedDataset, recipe: Recipe) -> dict[str, float]:
                                  ("generated", dataset.generated, "generated")):
         if len(rows):
             tags[f"{split}_digest"] = log_rows_dataset(rows, source=source or "generated",
-                                                       name=f"{recipe.name}-{split}", context=context)
+                                                       name=f"{recipe.name}-{split}", context=context).digest
     mlflow.set_tags(tags)
     with tempfile.TemporaryDirectory() as tmp:
         write_outputs(dataset, Path(tmp), recipe.generate.sample_rows)
