@@ -130,3 +130,13 @@ def test_bad_soft_labels(tmp_path):
 def test_unlabelled_rows_get_label_minus_one(tmp_path, raw):
     path = write_csv(raw.head(4).drop(columns=["winner_model_a", "winner_model_b", "winner_tie"]), tmp_path / "t.csv")
     assert list(load_rows(path)["label"]) == [-1] * 4
+
+
+def test_valid_files_hold_out_whole_sources():
+    prepared = prepare([MTBENCH, PANDALM], 0.2, 42, swap_augment=False, valid_files=[PANDALM])
+    assert set(prepared.valid["source"]) == {PANDALM.name} and set(prepared.train["source"]) == {MTBENCH.name}
+    assert len(prepared.train) + len(prepared.valid) == prepared.counts["rows_in"]
+    with pytest.raises(DataError, match="not among the ingested files"):
+        prepare([MTBENCH], 0.2, 42, swap_augment=False, valid_files=[PANDALM])
+    with pytest.raises(DataError, match="nothing is left to train on"):
+        prepare([MTBENCH, PANDALM], 0.2, 42, swap_augment=False, valid_files=[MTBENCH, PANDALM])

@@ -78,6 +78,7 @@ def test_evaluate_logs_figures_on_the_version_model_and_dataset(champion, recipe
     on_model = {m.key: m for m in mlflow.get_logged_model(model_id).metrics}
     assert on_model["log_loss"].value == run.data.metrics["log_loss"]  # the run's figure, on the model too
     assert on_model["log_loss"].dataset_digest == run.data.tags["eval_dataset_digest"]
+    assert {"log_loss.mtbench_human_turn1", "log_loss.pandalm_test"} <= set(run.data.metrics)  # per source
     for key in ("log_loss", "accuracy", "samples_per_s", "tokens_per_s", "length_baseline_log_loss",
                 "class_prior_log_loss", "mean_p_tie"):
         assert key in run.data.metrics, key
@@ -144,7 +145,7 @@ def test_finetune_then_quantize_registers_a_tagged_version(store, recipe, tmp_pa
     small = load_recipe(ROOT / "experiments" / "cpu-smollm2.yaml",
                         TINY + ["train.max_train_rows=8", "train.batch_size=4", "train.gradient_accumulation_steps=1",
                                 "quant.method=rtn", "quant.scheme=W4A16", "quant.group_size=32", "train.load_in_4bit=false",
-                                "engine.swap_tta=true"])
+                                "engine.swap_tta=true", "quant.max_log_loss_delta=null", "calibration.method=vector"])
     real_score_rows, tta_per_call = pipeline.score_rows, []
 
     def recording_score_rows(checkpoint, recipe, rows):
@@ -161,9 +162,11 @@ def test_finetune_then_quantize_registers_a_tagged_version(store, recipe, tmp_pa
     mv = MlflowClient().get_model_version(small.registry.model_name, version)
     assert mv.tags["quantization"] == "W4A16" and "Valid log_loss" in mv.description
     on_model = {m.key for m in mlflow.get_logged_model(mv.source.removeprefix("models:/")).metrics}
-    assert {"log_loss", "merged_log_loss", "quant_log_loss_delta"} <= on_model
-    checkpoint = registry.resolve_model_uri(f"models:/{small.registry.model_name}/{version}")
-    config = json.loads((checkpoint / "config.json").read_text())
+    assert {"log_loss", "merged_log_loss", "quant_log_loss_delta", "calibrated_log_loss"} <= on_model
+    # the calibrator travels with the version: evaluate and infer apply it
+    ref = registry.resolve_model_ref(f"models:/{small.registry.model_name}/{version}", small)
+    assert ref.calibrator.method == "vector" and ref.calibrator.temperature != 1.0
+    config = json.loads((ref.checkpoint / "config.json").read_text())
     assert config["quantization_config"]["format"] == "pack-quantized"
 
 

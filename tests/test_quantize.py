@@ -18,6 +18,7 @@ from arenaflow.quantize import (  # noqa: E402
     checkpoint_size_bytes,
     merge_adapter,
     quantize_checkpoint,
+    quantize_within_bound,
 )
 from arenaflow.recipe import QuantConfig  # noqa: E402
 from arenaflow.tracking import checkpoint_precision  # noqa: E402
@@ -210,3 +211,17 @@ def test_nf4_merge_reproduces_the_qlora_model(tiny, tmp_path, tokenizer, prompts
     # Relative, not absolute: the nf4 gap is float rounding whose size depends on the CPU's kernels (3.2e-4 on
     # an AVX512-BF16/AMX Xeon, 1.5e-7 elsewhere); the original-weights gap is the 4-bit error itself.
     assert original_gap > 1e-3 and nf4_gap < original_gap / 10
+
+
+def test_a_scheme_over_the_log_loss_bound_falls_back(tiny, tmp_path):
+    """W4A16 is 'measured' 0.02 worse than the merged model (over the 0.005 bound): the W8A16 fallback,
+    0.001 worse, is registered instead; with both over it, the merged checkpoint itself."""
+    change = {"merged": 0.0, "W4A16": 0.02, "W8A16": 0.001}
+    score = lambda checkpoint: change[checkpoint.name if checkpoint.name in change else "merged"]  # noqa: E731
+    config = QuantConfig(scheme="W4A16", method="rtn", group_size=32, fallback_schemes=["W8A16"])
+    chosen = quantize_within_bound(tiny, tmp_path, config, [], score, log_loss_of=float)
+    assert (chosen.scheme, chosen.checkpoint) == ("W8A16", tmp_path / "W8A16")
+    assert "W4A16: log_loss +0.0200" in chosen.note and "over quant.max_log_loss_delta=0.005" in chosen.note
+    change["W8A16"] = 0.01
+    chosen = quantize_within_bound(tiny, tmp_path / "again", config, [], score, log_loss_of=float)
+    assert (chosen.scheme, chosen.checkpoint) == ("none", tiny) and "unquantized" in chosen.note

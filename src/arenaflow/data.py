@@ -213,11 +213,29 @@ class Prepared:
     counts: dict[str, int]
 
 
+def split_rows(rows: pd.DataFrame, valid_fraction: float, seed: int,
+               valid_files: list[str | Path] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, valid): the rows of `valid_files` (whole sources held out: a figure on data the model never
+    saw) against the rest, or a grouped split by `valid_fraction`."""
+    if not valid_files:
+        return grouped_split(rows, valid_fraction, seed)
+    held = {Path(f).name for f in valid_files}
+    unknown = sorted(held - set(rows["source"]))
+    if unknown:
+        raise DataError(f"data.valid_files {unknown} are not among the ingested files {sorted(set(rows['source']))}")
+    is_valid = rows["source"].isin(held).to_numpy()
+    if is_valid.all():
+        raise DataError("data.valid_files holds every file: nothing is left to train on")
+    return rows[~is_valid], rows[is_valid]
+
+
 def prepare(files: list[str | Path], valid_fraction: float, seed: int, swap_augment: bool,
-            max_rows: int | None = None, group_column: str | None = None) -> Prepared:
-    """Ingest files, optionally subsample (by the user's request), split by group, augment train."""
+            max_rows: int | None = None, group_column: str | None = None,
+            valid_files: list[str | Path] | None = None) -> Prepared:
+    """Ingest files, optionally subsample (by the user's request), split (by group, or by held-out
+    files), augment train."""
     rows, counts = ingest(files, group_column, max_rows, seed)
-    train, valid = grouped_split(rows, valid_fraction, seed)
+    train, valid = split_rows(rows, valid_fraction, seed, valid_files)
     counts.update(rows_train=len(train), rows_valid=len(valid))
     assert len(train) + len(valid) == len(rows), "split lost or duplicated rows"
     if swap_augment:
@@ -290,7 +308,8 @@ def fetch_artifacts(uri: str | Path) -> Path:
 def recipe_split(recipe: Recipe, files: list[str] | None = None) -> Prepared:
     """The recipe's grouped train/valid split of `files` (default: the recipe's data.files)."""
     d = recipe.data
-    return prepare(files or d.files, d.valid_fraction, d.seed, d.swap_augment, d.max_rows, d.group_column)
+    return prepare(files or d.files, d.valid_fraction, d.seed, d.swap_augment, d.max_rows, d.group_column,
+                   d.valid_files)
 
 
 def load_split(data_uri: str, recipe: Recipe) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -14,6 +14,7 @@ import pandas as pd
 from . import data as data_mod
 from . import registry
 from .bench import bench_stage
+from .calibration import cross_fit
 from .data import evaluation_rows, fetch_artifacts, load_split, log_rows_dataset, recipe_split, subsample
 from .datagen.stage import generate_dataset
 from .metrics import ROWS_KAGGLE_TEST, preference_metrics, reference_log_losses, save_plots, speed_metrics
@@ -21,7 +22,7 @@ from .models import load_tokenizer, resolve_model
 from .plan import plan_stage, planned_speed
 from .prompts import PromptBuilder
 from .quantize import check_config as check_quant_config
-from .quantize import checkpoint_size_bytes, merge_adapter, quantize_checkpoint
+from .quantize import checkpoint_size_bytes, merge_adapter, quantize_within_bound
 from .recipe import Recipe
 from .registry import resolve_model_ref
 from .scoring import open_scorer, predict, score_rows
@@ -72,10 +73,21 @@ def evaluate(recipe: Recipe, input: str = "", model: str = "") -> dict[str, floa
         dataset = log_rows_dataset(rows, source=input or "recipe valid split", name="eval", context="evaluation")
         scorer, builder = open_scorer(ref.checkpoint, recipe)
         with scorer:
-            result = predict(scorer, builder, rows, recipe.engine.swap_tta)
-        figures = preference_metrics(result.probs, labels)
-        if result.probs_one_order is not None:  # what swap-TTA buys, on the same rows
+            result = predict(scorer, builder, rows, recipe.engine.swap_tta, calibrator=ref.calibrator)
+        probs = result.probs
+        if ref.calibrator.method != "none" and ref.calibrator.dataset_digest == dataset.digest:
+            # The calibrator was fitted on these very rows: report it cross-fitted, as quantize did.
+            probs = cross_fit(ref.calibrator.method, result.probs_uncalibrated, labels, rows, recipe.calibration.folds,
+                              recipe.data.seed, result.probs_swapped)[1]
+            mlflow.set_tag("calibration_figure", "cross-fitted: the calibrator was fitted on this dataset")
+        figures = preference_metrics(probs, labels)
+        if result.probs_uncalibrated is not None:  # what calibration buys, on the same rows
+            figures["log_loss_uncalibrated"] = preference_metrics(result.probs_uncalibrated, labels)["log_loss"]
+        if result.probs_one_order is not None:  # what swap-TTA buys, on the same rows (uncalibrated)
             figures["log_loss_without_tta"] = preference_metrics(result.probs_one_order, labels)["log_loss"]
+        for source in sorted(set(rows["source"])) if rows["source"].nunique() > 1 else []:
+            mine = (rows["source"] == source).to_numpy()
+            figures[f"log_loss.{Path(source).stem}"] = preference_metrics(probs[mine], labels[mine])["log_loss"]
         figures.update(reference_log_losses(train, rows))
         figures["rows"] = float(len(rows))
         mlflow.log_metrics(speed_metrics(len(rows), result.seconds, result.prompt_tokens, result.startup_seconds))
@@ -86,10 +98,10 @@ def evaluate(recipe: Recipe, input: str = "", model: str = "") -> dict[str, floa
         mlflow.set_tags({"eval_dataset_digest": dataset.digest, "model_uri": ref.uri,
                          "model_version": ref.version or "", "swap_tta": str(recipe.engine.swap_tta)})
         with tempfile.TemporaryDirectory() as tmp:
-            for plot in save_plots(result.probs, labels, Path(tmp)):
+            for plot in save_plots(probs, labels, Path(tmp)):
                 mlflow.log_artifact(str(plot), "plots")
             predictions = rows[["id", "source", "label"]].assign(
-                p_a=result.probs[:, 0], p_b=result.probs[:, 1], p_tie=result.probs[:, 2])
+                p_a=probs[:, 0], p_b=probs[:, 1], p_tie=probs[:, 2])
             predictions.to_csv(Path(tmp) / "predictions.csv", index=False)
             mlflow.log_artifact(str(Path(tmp) / "predictions.csv"))
         print(f"evaluate {ref.uri}: " + ", ".join(f"{k}={v:.4f}" for k, v in figures.items())
@@ -126,6 +138,7 @@ def infer(recipe: Recipe, input: str, output: str = "submission.csv", model: str
         dataset = log_rows_dataset(rows, source=input, name="infer-input", context="inference")
         manifest = {"input": str(input), "input_digest": dataset.digest, "rows": len(rows), "model": ref.uri,
                     "version": ref.version, "checkpoint": str(ref.checkpoint) if not ref.version else None,
+                    "calibration": ref.calibrator.to_dict(),
                     "prompt": dataclasses.asdict(recipe.prompt), "engine": dataclasses.asdict(recipe.engine)}
         opened: list = []  # the engine, started by the first shard that needs one
         spent = {"seconds": 0.0, "tokens": 0.0, "rows": 0}
@@ -133,7 +146,8 @@ def infer(recipe: Recipe, input: str, output: str = "submission.csv", model: str
         def compute(lo: int, hi: int) -> dict:
             if not opened:
                 opened.extend(open_scorer(ref.checkpoint, recipe))
-            result = predict(*opened, rows.iloc[lo:hi], recipe.engine.swap_tta, progress=False)
+            result = predict(*opened, rows.iloc[lo:hi], recipe.engine.swap_tta, progress=False,
+                             calibrator=ref.calibrator)
             spent["seconds"] += result.seconds
             spent["tokens"] += result.prompt_tokens
             spent["rows"] += hi - lo
@@ -204,9 +218,10 @@ def finetune(recipe: Recipe, data: str = "") -> str:
 
 
 def quantize(recipe: Recipe, adapter: str, data: str = "") -> str:
-    """Merge the adapter into a full-precision base, quantize (AWQ W4A16/W8A16), evaluate both on
-    the same valid rows, register the quantized checkpoint as a new version (an MLflow Model whose
-    metrics are those figures on the valid dataset). Returns the version."""
+    """Merge the adapter into a full-precision base, quantize (AWQ W4A16/W8A16) within the recipe's
+    log-loss bound (else a fallback scheme, else the merged checkpoint), fit the calibrator on the valid
+    rows (its figure cross-fitted), register the result as a new version (an MLflow Model whose metrics
+    are those figures on the valid dataset). Returns the version."""
     check_quant_config(recipe.quant)  # before merging, not after
     base = resolve_model(recipe.model.base)
     train, valid = load_split(data, recipe)
@@ -220,25 +235,35 @@ def quantize(recipe: Recipe, adapter: str, data: str = "") -> str:
         calibration_builder = PromptBuilder(load_tokenizer(merged),
                                             dataclasses.replace(recipe.prompt, max_length=recipe.quant.calibration_max_length))
         calibration = calibration_builder.build_rows(subsample(train, recipe.quant.calibration_rows, recipe.data.seed))
-        quantized = quantize_checkpoint(merged, Path(tmp) / "quantized", recipe.quant, calibration)
-        merged_figures = preference_metrics(score_rows(merged, recipe, valid).probs, labels)
-        figures = preference_metrics(score_rows(quantized, recipe, valid).probs, labels)
+        chosen = quantize_within_bound(merged, Path(tmp), recipe.quant, calibration,
+                                       score=lambda checkpoint: score_rows(checkpoint, recipe, valid),
+                                       log_loss_of=lambda result: preference_metrics(result.probs, labels)["log_loss"])
+        merged_figures = preference_metrics(chosen.merged_result.probs, labels)
+        figures = preference_metrics(chosen.result.probs, labels)
         figures.update({f"merged_{k}": v for k, v in merged_figures.items()})
         figures["quant_log_loss_delta"] = figures["log_loss"] - merged_figures["log_loss"]
         figures["merged_size_mb"] = checkpoint_size_bytes(merged) / 2**20
-        figures["quantized_size_mb"] = checkpoint_size_bytes(quantized) / 2**20
+        figures["quantized_size_mb"] = checkpoint_size_bytes(chosen.checkpoint) / 2**20
+        calibrator, held_out, folds = cross_fit(recipe.calibration.method, chosen.result.probs, labels, valid,
+                                                recipe.calibration.folds, recipe.data.seed, chosen.result.probs_swapped)
+        calibrator.dataset_digest = dataset.digest  # evaluate cross-fits again on these very rows
+        figures["calibrated_log_loss"] = preference_metrics(held_out, labels)["log_loss"]  # out of fold
+        mlflow.log_params({**calibrator.params(), "calibration.folds_by": folds})
+        mlflow.log_dict(calibrator.to_dict(), "calibration.json")
         version = registry.register_model(
-            quantized, recipe.registry.model_name, recipe, example=valid.head(3),
-            tags={"quantization": recipe.quant.scheme, "quant_method": recipe.quant.method,
+            chosen.checkpoint, recipe.registry.model_name, recipe, example=valid.head(3), calibrator=calibrator,
+            tags={"quantization": chosen.scheme, "quantization_choice": chosen.note, "quant_method": recipe.quant.method,
                   "group_size": str(recipe.quant.group_size), "base_model": recipe.model.base,
-                  "recipe": recipe.name, "adapter": adapter},
+                  "recipe": recipe.name, "adapter": adapter, "calibration": recipe.calibration.method},
             description=(f"{recipe.model.base} finetuned by recipe {recipe.name}, merged in "
-                         f"{recipe.quant.merge_dtype}, quantized {recipe.quant.scheme} ({recipe.quant.method}). "
-                         f"Valid log_loss {figures['log_loss']:.4f} (merged {merged_figures['log_loss']:.4f})."))
+                         f"{recipe.quant.merge_dtype}, quantized {chosen.scheme} ({chosen.note}). Valid log_loss "
+                         f"{figures['log_loss']:.4f} (merged {merged_figures['log_loss']:.4f}; calibrated "
+                         f"{figures['calibrated_log_loss']:.4f} out of fold by {folds})."))
         registry.log_version_metrics(recipe.registry.model_name, version.version, figures, dataset)
-        mlflow.set_tag("registered_version", str(version.version))
-        print(f"quantize: {recipe.quant.scheme} log_loss={figures['log_loss']:.4f} (merged "
-              f"{merged_figures['log_loss']:.4f}, delta {figures['quant_log_loss_delta']:+.4f}); registered "
+        mlflow.set_tags({"registered_version": str(version.version), "quantization_choice": chosen.note})
+        print(f"quantize: {chosen.scheme} log_loss={figures['log_loss']:.4f} (merged {merged_figures['log_loss']:.4f}, "
+              f"delta {figures['quant_log_loss_delta']:+.4f}; {chosen.note}); {recipe.calibration.method} "
+              f"calibration {figures['calibrated_log_loss']:.4f} out of fold; registered "
               f"{recipe.registry.model_name} v{version.version} (run {run.info.run_id})")
         return str(version.version)
 

@@ -13,7 +13,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from arenaflow.models import publish_dir, save_checkpoint, temp_dir_beside
@@ -187,8 +190,9 @@ def check_config(config: QuantConfig) -> None:
         raise QuantizeError(AUTOAWQ_REFUSAL)
     if method not in METHODS:
         raise QuantizeError(f"quant.method={config.method!r} is unknown; use one of {list(METHODS)}")
-    if config.scheme != "none" and config.scheme not in SCHEMES:
-        raise QuantizeError(f"quant.scheme={config.scheme!r} is unknown; use one of {[*SCHEMES, 'none']}")
+    for scheme in (config.scheme, *config.fallback_schemes):
+        if scheme != "none" and scheme not in SCHEMES:
+            raise QuantizeError(f"quant.scheme={scheme!r} is unknown; use one of {[*SCHEMES, 'none']}")
 
 
 def _copy_checkpoint(src: Path, out: Path) -> Path:
@@ -273,3 +277,37 @@ def checkpoint_size_bytes(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+
+
+@dataclass
+class Chosen:
+    checkpoint: Path  # the checkpoint to register
+    scheme: str  # its scheme ("none": the merged checkpoint itself)
+    result: object  # what `score` returned for it
+    merged_result: object  # what `score` returned for the merged checkpoint
+    note: str  # why this one: every scheme tried, with its log-loss change
+
+
+def quantize_within_bound(merged: Path, out_dir: Path, config: QuantConfig, calibration: list[list[int]],
+                          score: Callable[[Path], object], log_loss_of: Callable[[object], float]) -> Chosen:
+    """`config.scheme`, then each of `config.fallback_schemes`, until one's log-loss change against the
+    merged checkpoint (on the validation rows `score` scores: never the AWQ calibration rows, which come
+    from train) is within `config.max_log_loss_delta`; past the last, the merged checkpoint (scheme none).
+    Each scheme is quantized before any scoring engine runs in this process (AWQ first, as before)."""
+    tried, merged_result = [], None
+    bound = config.max_log_loss_delta
+    for scheme in dict.fromkeys((config.scheme, *config.fallback_schemes)):
+        if scheme == "none":
+            break
+        checkpoint = quantize_checkpoint(merged, out_dir / scheme, dataclasses.replace(config, scheme=scheme), calibration)
+        merged_result = merged_result or score(merged)
+        result = score(checkpoint)
+        delta = log_loss_of(result) - log_loss_of(merged_result)
+        if bound is None or delta <= bound:
+            within = f", within {bound:g}" if bound is not None else ""
+            return Chosen(checkpoint, scheme, result, merged_result,
+                          "; ".join([*tried, f"{scheme}: log_loss {delta:+.4f} vs merged{within}"]))
+        tried.append(f"{scheme}: log_loss {delta:+.4f} vs merged, over quant.max_log_loss_delta={bound:g}")
+    merged_result = merged_result or score(merged)
+    return Chosen(merged, "none", merged_result, merged_result,
+                  "; ".join([*tried, "the merged checkpoint, unquantized"]))

@@ -28,6 +28,7 @@ class DataConfig:
     swap_augment: bool = True
     max_rows: int | None = None  # user-asked subsample before splitting; None keeps every row
     seed: int = 42
+    valid_files: list[str] = field(default_factory=list)  # whole files of `files` held out as validation
 
 
 @dataclass
@@ -74,6 +75,14 @@ class QuantConfig:
     calibration_rows: int = 64
     calibration_max_length: int = 512
     awq_n_grid: int = 20  # AWQ scale-search points per layer; fewer is proportionally faster
+    max_log_loss_delta: float | None = 0.005  # register a quantized checkpoint only within this of the merged one
+    fallback_schemes: list[str] = field(default_factory=list)  # tried in order past the bound; then the merged model
+
+
+@dataclass
+class CalibrationConfig:
+    method: str = "vector"  # none, temperature, vector (temperature + class biases), stacker (calibration.py)
+    folds: int = 5  # cross-fitting folds when validation rows come from one source (else one per source)
 
 
 @dataclass
@@ -138,6 +147,7 @@ class Recipe:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)

@@ -24,6 +24,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
+from .calibration import Calibrator
 from .models import resolve_model
 from .recipe import Recipe
 
@@ -44,7 +45,7 @@ def _missing(exc: MlflowException) -> bool:
 
 
 def register_model(checkpoint: Path, name: str, recipe: Recipe, example: pd.DataFrame, tags: dict,
-                   description: str = "") -> ModelVersion:
+                   description: str = "", calibrator=None) -> ModelVersion:
     """Log `checkpoint` as the active run's MLflow Model (servable.log_model) and register it as a new
     version of `name`, linked to its LoggedModel (`version.model_id`).
 
@@ -62,7 +63,7 @@ def register_model(checkpoint: Path, name: str, recipe: Recipe, example: pd.Data
         raise RegistryError("register_model needs an active MLflow run (wrap it in mlflow.start_run())")
     run_id = run.info.run_id
     str_tags = {str(k): str(v) for k, v in (tags or {}).items()}
-    info = log_model(checkpoint, recipe, example)
+    info = log_model(checkpoint, recipe, example, calibrator)
 
     client = _client()
     created_model = False
@@ -339,6 +340,16 @@ class ModelRef:
     uri: str  # the reference as given (or the recipe's champion URI)
     registered_name: str | None = None
     version: str | None = None
+    calibrator: Calibrator = field(default_factory=Calibrator)  # a registered version's; none for a plain checkpoint
+
+
+def stored_calibrator(checkpoint: Path) -> Calibrator:
+    """The calibrator in the model config of the MLflow Model a checkpoint was downloaded with (none else)."""
+    mlmodel = checkpoint.parent.parent / "MLmodel"
+    if checkpoint.parent.name != "artifacts" or not mlmodel.exists():
+        return Calibrator()
+    flavor = yaml.safe_load(mlmodel.read_text()).get("flavors", {}).get("python_function", {})
+    return Calibrator.from_dict((flavor.get("config") or {}).get("calibration"))
 
 
 def resolve_model_ref(reference: str, recipe: Recipe) -> ModelRef:
@@ -348,7 +359,8 @@ def resolve_model_ref(reference: str, recipe: Recipe) -> ModelRef:
         name, alias, version = parse_models_uri(uri)
         version = alias_version(name, alias) if alias else version
         checkpoint = resolve_model_uri(f"models:/{name}/{version}" if version else uri)
-        return ModelRef(checkpoint, uri, name, version)
+        return ModelRef(checkpoint, uri, name, version, stored_calibrator(checkpoint))
     if uri.startswith("runs:/"):
-        return ModelRef(resolve_model_uri(uri), uri)
+        checkpoint = resolve_model_uri(uri)
+        return ModelRef(checkpoint, uri, calibrator=stored_calibrator(checkpoint))
     return ModelRef(resolve_model(uri), uri)

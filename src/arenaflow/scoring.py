@@ -29,6 +29,8 @@ class ScoreResult:
     startup_seconds: float  # engine start (model load, KV cache, workers)
     prompt_tokens: int  # total prompt tokens scored
     probs_one_order: np.ndarray | None = None  # with swap-TTA: the original A/B order alone (what TTA adds)
+    probs_swapped: np.ndarray | None = None  # with swap-TTA: the swapped order alone, its A/B columns put back
+    probs_uncalibrated: np.ndarray | None = None  # with a calibrator: the model's own probabilities
 
     @property
     def samples_per_s(self) -> float:
@@ -281,16 +283,21 @@ def score(checkpoint: Path, prompts: list[list[int]], engine: EngineConfig, prog
         return scorer.score(prompts, progress=progress)
 
 
-def predict(scorer: Scorer, builder, rows, swap_tta: bool, progress: bool = True) -> ScoreResult:
-    """N x 3 probabilities for canonical rows (A/B-swap test-time augmentation if asked) + timings."""
+def predict(scorer: Scorer, builder, rows, swap_tta: bool, progress: bool = True, calibrator=None) -> ScoreResult:
+    """N x 3 probabilities for canonical rows (A/B-swap test-time augmentation if asked; then the
+    version's calibrator if given, see calibration.py) + timings."""
     prompts = builder.build_rows(rows)
     if not swap_tta:
-        return scorer.score(prompts, progress=progress)
-    # One call for both orders: the engine batches them together and shares the prompt prefix.
-    both = scorer.score(prompts + builder.build_rows(rows, swap=True), progress=progress)
-    n = len(prompts)
-    return ScoreResult(swap_average(both.probs[:n], both.probs[n:]), both.seconds, both.startup_seconds,
-                       both.prompt_tokens, probs_one_order=both.probs[:n])
+        result = scorer.score(prompts, progress=progress)
+    else:  # one call for both orders: the engine batches them together and shares the prompt prefix
+        both = scorer.score(prompts + builder.build_rows(rows, swap=True), progress=progress)
+        n = len(prompts)
+        result = ScoreResult(swap_average(both.probs[:n], both.probs[n:]), both.seconds, both.startup_seconds,
+                             both.prompt_tokens, probs_one_order=both.probs[:n], probs_swapped=both.probs[n:][:, [1, 0, 2]])
+    if calibrator is not None and calibrator.method != "none":
+        calibrated = calibrator.apply(result.probs, rows, result.probs_swapped)
+        result = dataclasses.replace(result, probs=calibrated, probs_uncalibrated=result.probs)
+    return result
 
 
 def open_scorer(checkpoint: Path, recipe: Recipe):

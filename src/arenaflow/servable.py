@@ -21,6 +21,7 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 
+from .calibration import Calibrator
 from .data import DataError, canonicalize
 from .models import LABEL_WORDS
 from .recipe import EngineConfig, ModelConfig, PromptConfig, Recipe
@@ -48,10 +49,11 @@ def signature() -> ModelSignature:
         outputs=Schema([ColSpec("string", "id"), *(ColSpec("double", c) for c in OUTPUT_COLUMNS[1:])]))
 
 
-def model_config(recipe: Recipe) -> dict:
-    """What scoring needs from the recipe, stored with the model (plain JSON-able values)."""
+def model_config(recipe: Recipe, calibrator: Calibrator | None = None) -> dict:
+    """What scoring needs from the recipe, and the version's calibrator, stored with the model (JSON-able)."""
     return {"prompt": dataclasses.asdict(recipe.prompt), "engine": dataclasses.asdict(recipe.engine),
-            "trust_remote_code": recipe.model.trust_remote_code, "label_words": list(LABEL_WORDS)}
+            "trust_remote_code": recipe.model.trust_remote_code, "label_words": list(LABEL_WORDS),
+            "calibration": (calibrator or Calibrator()).to_dict()}
 
 
 def scoring_recipe(config: dict, checkpoint: Path) -> Recipe:
@@ -77,6 +79,7 @@ class PreferenceModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         self.checkpoint = Path(context.artifacts["checkpoint"])
         self.recipe = scoring_recipe(context.model_config, self.checkpoint)
+        self.calibrator = Calibrator.from_dict(context.model_config.get("calibration"))
         self.scorer = self.builder = None
         _LOADED.add(self)
 
@@ -88,7 +91,8 @@ class PreferenceModel(mlflow.pyfunc.PythonModel):
             raise RequestError(str(err)) from None
         if self.scorer is None:
             self.scorer, self.builder = open_scorer(self.checkpoint, self.recipe)
-        probs = predict(self.scorer, self.builder, rows, self.recipe.engine.swap_tta, progress=False).probs
+        probs = predict(self.scorer, self.builder, rows, self.recipe.engine.swap_tta, progress=False,
+                        calibrator=self.calibrator).probs
         return pd.DataFrame({"id": rows["id"], "winner_model_a": probs[:, 0], "winner_model_b": probs[:, 1],
                              "winner_tie": probs[:, 2]})
 
@@ -110,14 +114,14 @@ def kaggle_input(rows: pd.DataFrame) -> pd.DataFrame:
                          **{c: [json.dumps(list(turns), ensure_ascii=False) for turns in rows[c]] for c in INPUT_COLUMNS[1:]}})
 
 
-def log_model(checkpoint: Path, recipe: Recipe, example: pd.DataFrame):
+def log_model(checkpoint: Path, recipe: Recipe, example: pd.DataFrame, calibrator: Calibrator | None = None):
     """Log the checkpoint as this run's MLflow Model `model`, with `example` (canonical rows) as its input
     example; returns MLflow's ModelInfo (model_uri, model_id).
     MLflow checks the input example by loading the model and scoring it once; that engine is stopped here."""
     try:
         return mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT, python_model=str(MODEL_CODE), artifacts={"checkpoint": str(checkpoint)},
-            model_config=model_config(recipe), signature=signature(),
+            model_config=model_config(recipe, calibrator), signature=signature(),
             input_example=kaggle_input(example), pip_requirements=requirements())
     finally:
         release()

@@ -74,7 +74,7 @@ def build_dataset(recipe: Recipe, files: Sequence[str | Path] | None = None, *,
     if "ingest" in modes:
         if "respond" not in modes:
             real = _clean(real, modes, recipe, counts, "rows", TEXT_COLUMNS)
-        train_real, valid_real = data_mod.grouped_split(real, d.valid_fraction, d.seed)
+        train_real, valid_real = data_mod.split_rows(real, d.valid_fraction, d.seed, d.valid_files)
         counts.update(rows_train=len(train_real), rows_valid=len(valid_real))
 
     generated = empty.iloc[0:0].copy()
