@@ -60,13 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--infer-input", default="data/sample_test.csv", help="rows the final infer step scores")
 
-    p = verbs.add_parser("bench", help="time every scoring engine on one model and one prompt set")
+    p = verbs.add_parser("bench", help="time every scoring engine (or, with --train, training steps) on one model and one row set")
     _common(p)
     p.add_argument("--model", default="", help="checkpoint, gguf:…, tiny:llama, random:<arch> (e.g. random:llama-3-8b); default: the recipe's base")
-    p.add_argument("--rows", type=int, default=64, help="real valid rows to score (ignored with --synthetic)")
+    p.add_argument("--rows", type=int, default=64, help="real valid rows to score (ignored with --synthetic); "
+                   "--train: held-out rows validated after training (synthetic ones too)")
     p.add_argument("--engines", default="", help="comma-separated [label=]backend[:key=value…] (default: all four backends)")
-    p.add_argument("--synthetic", default="", metavar="N:LO-HI", help="N random-token prompts of LO-HI tokens instead of real rows")
+    p.add_argument("--synthetic", default="", metavar="N:LO-HI", help="N random-token prompts of LO-HI tokens instead of real rows "
+                   "(--train: N training rows of LO-HI tokens with random labels)")
     p.add_argument("--warmup", type=int, default=8, help="untimed prompts (not in the timed set) per engine before timing")
+    p.add_argument("--train", nargs="?", const="true", default="false", choices=("true", "false"),
+                   help="time training steps instead: the project's finetune step against plain transformers + peft")
+    p.add_argument("--variants", default="", help="--train: comma-separated peft-baseline, project, label=key=value[:key=value…] "
+                   "(TrainConfig overrides of the project), label=peft-baseline:key=value (default: peft-baseline,project)")
+    p.add_argument("--steps", type=int, default=10, help="--train: timed optimizer steps per variant")
+    p.add_argument("--warmup-steps", type=int, default=2, help="--train: untimed optimizer steps per variant before timing")
 
     p = verbs.add_parser("plan", help="predict memory fit and wall time of a recipe on N GPUs")
     _common(p)

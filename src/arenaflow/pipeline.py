@@ -335,9 +335,36 @@ def main(recipe: Recipe, overrides: list[str] | None = None, infer_input: str = 
               f"{recipe.registry.model_name} v{version}: {promote_run.data.tags.get('decision', '')}")
 
 
-def bench(recipe: Recipe, model: str = "", rows: int = 64, engines: str = "", synthetic: str = "", warmup: int = 8):
-    """Time every scoring engine on one model and one prompt set (see bench.py); one MLflow run."""
-    return bench_stage(recipe, model=model, rows=rows, engines=engines, synthetic=synthetic, warmup=warmup)
+def bench(recipe: Recipe, model: str = "", rows: int = 64, engines: str = "", synthetic: str = "", warmup: int = 8,
+          train: str | bool = False, variants: str = "", steps: int = 10, warmup_steps: int = 2):
+    """Time every scoring engine on one model and one prompt set (see bench.py), or with `train` training
+    steps, the project's against plain peft (bench_train.py); one MLflow run."""
+    if str(train).lower() != "true":
+        return bench_stage(recipe, model=model, rows=rows, engines=engines, synthetic=synthetic, warmup=warmup)
+    from .bench import card_peak_tflops, metric_prefix, synthetic_lengths
+    from .bench_train import prepare_train_bench, run_train_bench
+    from .hardware import card_name
+
+    setup = prepare_train_bench(recipe, model, variants, rows=rows, steps=steps, warmup_steps=warmup_steps,
+                                synthetic=synthetic_lengths(synthetic) if synthetic else None)
+    with stage_run(recipe, "bench", model=setup.reference, precision="train") as run:
+        mlflow.set_tags({"bench_mode": "train", "bench_model_note": f"{setup.reference}; {setup.rows.note}",
+                         "bench_variants": ",".join(v.label for v in setup.variants)})
+
+        def log_variant(fig) -> None:  # as each variant ends: a killed bench keeps these
+            mlflow.log_metrics(fig.metrics())
+            mlflow.set_tag(f"{metric_prefix(fig.label)}_settings", fig.settings)
+            if fig.error:
+                mlflow.set_tag(f"{metric_prefix(fig.label)}_error", fig.error[:4000])
+
+        report = run_train_bench(setup, peak_tflops=card_peak_tflops(card_name()), on_variant=log_variant)
+        mlflow.set_tag("card", report.card)
+        mlflow.log_metrics(report.metrics())
+        table = report.table()
+        mlflow.log_text(table + "\n", "bench_train.txt")
+        print(table)
+        print(f"(MLflow run {run.info.run_id})")
+        return report
 
 
 def plan(recipe: Recipe, rows: int = ROWS_KAGGLE_TEST, gpu: str = "T4", count: int = 2, model: str = ""):

@@ -63,6 +63,16 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     keep_best_epoch: bool = False  # save the adapter of the epoch with the lowest validation log_loss
     seed: int = 42
+    # Speed levers (train.py; `arenaflow bench --train` times them); each default is the behaviour before them.
+    adapter_dtype: str = "compute"  # LoRA weights: compute (= bnb_4bit_compute_dtype, float16 -> float32), float32, bfloat16
+    upcast_layer_norms: bool = True  # 4-bit: peft's float32 upcast of norms, embeddings and LM head
+    autocast: str = "auto"  # Trainer autocast: auto (bf16 when compute is bfloat16 without 4-bit), off, bfloat16, float16
+    attn_implementation: str | None = None  # sdpa, eager, flex_attention, flash_attention_2/3; None: transformers' default
+    padding_free: bool = False  # each micro-batch packed into one row with position_ids, no pad tokens
+    group_by_length: bool = False  # micro-batches of similar lengths (transformers' LengthGroupedSampler)
+    optim: str = "adamw_torch_fused"  # transformers optimizer name (adamw_torch, adamw_torch_fused, ...)
+    torch_compile: bool = False  # torch.compile the model (the Trainer's torch_compile)
+    use_liger_kernel: bool = False  # Liger's RMSNorm/SwiGLU/RoPE kernels (needs the liger-kernel package)
 
 
 @dataclass
