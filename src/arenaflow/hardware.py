@@ -75,3 +75,43 @@ def measured_matmul_tflops(size: int | None = None, repeats: int = 20,
     if dev == "cuda":
         torch.cuda.empty_cache()
     return burst, sustained, f"{str(dtype).removeprefix('torch.')} {size}^3"
+
+
+class GpuMemoryPeak:
+    """Peak device memory in use on this machine's GPUs while the block runs (GiB, the largest GPU),
+    sampled through NVML every `interval` s: it counts every process, vLLM's engine core included.
+    `peak_gib` stays None without NVML or GPUs (CPU machines)."""
+
+    def __init__(self, interval: float = 0.5):
+        self.interval, self.peak_gib = interval, None
+        self._stop = None
+
+    def __enter__(self) -> GpuMemoryPeak:
+        import threading
+
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception:  # noqa: BLE001 - no NVML library or no NVIDIA GPU: nothing to measure
+            return self
+        if not handles:
+            return self
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while True:
+                used = max(pynvml.nvmlDeviceGetMemoryInfo(h).used for h in handles) / 2**30
+                self.peak_gib = max(self.peak_gib or 0.0, used)
+                if self._stop.wait(self.interval):
+                    return
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join()

@@ -209,6 +209,7 @@ def finetune(recipe: Recipe, data: str = "") -> str:
         final = result.kept  # the saved adapter's validation: the last epoch's, or the best with keep_best_epoch
         mlflow.log_metrics({"train_loss": result.train_loss, "train_seconds": result.seconds,
                             "seconds_per_row": result.seconds_per_row, "rows_trained": result.rows_trained,
+                            "rows_per_s": 1.0 / result.seconds_per_row if result.seconds_per_row else 0.0,
                             **({"log_loss": final["log_loss"], "kept_epoch": final["epoch"] or 0.0,
                                 "log_loss_gain_over_base": zero_shot["log_loss"] - final["log_loss"]} if final else {})})
         print(f"finetune: base zero-shot log_loss={zero_shot['log_loss']:.4f}, finetuned "

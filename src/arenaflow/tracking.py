@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from .hardware import GpuMemoryPeak
 from .models import compressed_weights, read_config
 from .recipe import Recipe, flatten
 
@@ -62,7 +64,8 @@ def model_short_name(reference: str) -> str:
 
 @contextmanager
 def stage_run(recipe: Recipe, stage: str, model: str | None = None, precision: str | None = None):
-    """Open (or join, under `mlflow run`) the run of one stage, with params and comparable tags.
+    """Open (or join, under `mlflow run`) the run of one stage, with params and comparable tags; on
+    success it logs the stage's wall time (`stage_seconds`) and, on GPUs, `peak_gpu_memory_gib`.
 
     Under `mlflow run` the run already exists (MLFLOW_RUN_ID) in the experiment `mlflow run` chose;
     run directly, each recipe gets its own experiment named after it.
@@ -84,4 +87,9 @@ def stage_run(recipe: Recipe, stage: str, model: str | None = None, precision: s
         mlflow.log_params(flatten(recipe))
         if recipe.path:
             mlflow.log_artifact(recipe.path, "recipe")
-        yield run
+        start = time.perf_counter()
+        with GpuMemoryPeak() as memory:
+            yield run
+        mlflow.log_metric("stage_seconds", time.perf_counter() - start)  # wall time of the stage's work
+        if memory.peak_gib is not None:
+            mlflow.log_metric("peak_gpu_memory_gib", memory.peak_gib)
