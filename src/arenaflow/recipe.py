@@ -103,6 +103,12 @@ class EngineConfig:
     max_model_len: int | None = None  # None: prompt.max_length + 8
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1  # independent engines, one per GPU, each on a shard of the rows
+    pipeline_parallel_size: int = 1  # vLLM pipeline stages: the layers split over GPUs (or nodes, ray backend)
+    distributed_executor_backend: str | None = None  # vLLM's executor for tp x pp > 1: mp, ray; None: vLLM's
+    executor: str = "local"  # local: engines in this process; ray: Ray Data scorer actors (ray_scoring.py)
+    ray_actors: int | None = None  # executor=ray: scorer actors; None: as many as the cluster fits
+    ray_cpus_per_actor: int = 1  # executor=ray: CPU cores (threads) one scorer actor reserves
+    ray_batch_rows: int = 256  # executor=ray: prompts per Ray Data batch (what a restarted actor redoes)
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     enforce_eager: bool = True
