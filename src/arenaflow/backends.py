@@ -14,8 +14,10 @@ assistant's generation prompt, see prompts.py) at the three label tokens "A", "B
   * `transformers-naive` - benchmark baseline: batches of 8 in input order, logits at every position.
 
 `engine.data_parallel_size > 1` runs one engine process per GPU group (spawned, `CUDA_VISIBLE_DEVICES`
-per worker), each on a contiguous shard; results come back in input order. `scoring.Scorer` is the
-front every stage uses.
+per worker), each on a contiguous shard; results come back in input order. `engine.executor: ray` runs
+one engine per Ray actor on a cluster instead (ray_scoring.py). `engine.pipeline_parallel_size` and
+`engine.distributed_executor_backend` (vLLM's Ray executor: one engine over several nodes) are passed to
+`LLM(...)` only when set. `scoring.Scorer` is the front every stage uses.
 
 Scripts that create a vLLM engine need an `if __name__ == "__main__":` guard (workers are spawned).
 """
@@ -142,7 +144,8 @@ def _set_vllm_env(engine: EngineConfig) -> None:
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     else:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: 2-5 s start, not 20 s
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cpu_bind(engine.tensor_parallel_size))
+        ranks = engine.tensor_parallel_size * engine.pipeline_parallel_size
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cpu_bind(ranks))
 
 
 class _VllmEngine:
@@ -163,6 +166,10 @@ class _VllmEngine:
             kwargs["max_num_batched_tokens"] = engine.max_num_batched_tokens
         if engine.quantization:
             kwargs["quantization"] = engine.quantization
+        if engine.pipeline_parallel_size != 1:  # the two multi-node settings reach vLLM only when set
+            kwargs["pipeline_parallel_size"] = engine.pipeline_parallel_size
+        if engine.distributed_executor_backend:
+            kwargs["distributed_executor_backend"] = engine.distributed_executor_backend
         if _on_cuda():
             kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
         else:  # without an explicit size the CPU backend fails its memory check at start

@@ -2,9 +2,10 @@
 
 `plan(recipe, rows, gpu, count)` predicts, per GPU, the memory of weights + KV cache + activations +
 runtime overhead under the recipe's parallelism (`engine.tensor_parallel_size` x
-`engine.data_parallel_size`), and the wall time for `rows` rows from the token-length distribution of
-the recipe's data (the prompt builder's lengths at the recipe's `prompt.max_length`; when the recipe's
-files are not here - the 34B recipe's Kaggle train.csv - the bundled `data/` at that max_length).
+`engine.pipeline_parallel_size` x `engine.data_parallel_size`, or with `engine.executor: ray` one engine
+per Ray actor), and the wall time for `rows` rows from the token-length distribution of the recipe's
+data (the prompt builder's lengths at the recipe's `prompt.max_length`; when the recipe's files are not
+here - the 34B recipe's Kaggle train.csv - the bundled `data/` at that max_length).
 
 Time is a roofline per engine step (vLLM packs `max_num_batched_tokens` prompt tokens per step):
 max(FLOPs / the card's dense rate for the compute precision, bytes read / memory bandwidth), plus the
@@ -13,6 +14,14 @@ of the roofline that vLLM reached in `arenaflow bench` at 16-bit, times `PRECISI
 engines (values and sources: BENCHMARKS.md). `engine_plan` is the plan of one engine run as it happened
 (this machine's GPUs, the checkpoint's own quantization, the prompts' lengths): `bench` and `infer`
 log its prediction next to what they measured.
+
+Pipeline parallelism (`pp` stages; vLLM keeps `pp` batches in flight): each GPU holds 1/(tp x pp) of the
+layers' weights and 1/pp of the KV cache (the worst stage also one vocabulary x hidden matrix: the input
+embedding on the first, the LM head on the last); in steady state every stage works at once, so the
+per-row roofline is divided by tp x pp. The time then adds what pipelining costs: each row's hidden
+states sent across a stage boundary (over `stage_link_gbs`: the card's link inside a node,
+`NODE_LINK_GBS` between nodes, i.e. vLLM's Ray executor with pp > 1), and the bubble, pp - 1 stage
+steps to fill and drain the pipeline once per run, spread over its rows. Not measured in this project.
 
 Model dimensions come from the checkpoint's config.json when it is local, else from `ARCHITECTURES`.
 """
@@ -40,6 +49,9 @@ EFFICIENCY = 0.62
 # (fp8: 2x the rate; weight-only: the same compute-bound rate). Prefill is compute-bound, so
 # weight-only dequantisation is pure cost; Hopper kernels (Marlin, CUTLASS fp8) - T4s run others.
 PRECISION_FACTOR = {"fp8": 0.755, "W8A16": 0.880, "W4A16": 0.941}
+# Bytes/s between nodes that a pipeline stage boundary sees: 200 Gb/s (InfiniBand HDR, one NIC per GPU
+# pair is typical); slower Ethernet clusters pass their own `stage_link_gbs` to make_plan.
+NODE_LINK_GBS = 25.0
 
 
 @dataclass(frozen=True)
@@ -160,12 +172,14 @@ class Plan:
     efficiency: float
     lengths_source: str
     notes: list[str] = field(default_factory=list)
+    pp: int = 1  # pipeline stages
 
     def table(self) -> str:
         m = self.memory_gib
+        stages = f" x pipeline parallel {self.pp}" if self.pp > 1 else ""
         lines = [
             f"plan: {self.model} ({self.dims_source}) on {self.count}x {self.gpu.name}, "
-            f"tensor parallel {self.tp} x data parallel {self.dp}, {self.precision}",
+            f"tensor parallel {self.tp}{stages} x data parallel {self.dp}, {self.precision}",
             f"  memory per GPU (GiB): weights {m['weights']:.2f} + KV cache {m['kv_cache']:.2f} + activations "
             f"{m['activations']:.2f} + overhead {m['overhead']:.2f} = {m['total']:.2f} of {m['capacity']:.2f} "
             f"usable -> {'FITS' if self.fits else 'DOES NOT FIT'}",
@@ -187,31 +201,41 @@ def precision_efficiency(weight_bits: float, compute: str) -> float:
     return EFFICIENCY
 
 
-def make_plan(dims: Dims, lengths, *, gpu: Gpu, count: int, tp: int = 1, dp: int = 1, weight_bits: float = 16.0,
-              compute: str = "bf16", rows: int = ROWS_KAGGLE_TEST, max_num_batched_tokens: int = 8192,
-              max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
-              efficiency: float | None = None, model: str = "?", dims_source: str = "?",
-              precision: str | None = None, lengths_source: str = "given") -> Plan:
+def make_plan(dims: Dims, lengths, *, gpu: Gpu, count: int, tp: int = 1, dp: int = 1, pp: int = 1,
+              weight_bits: float = 16.0, compute: str = "bf16", rows: int = ROWS_KAGGLE_TEST,
+              max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
+              gpu_memory_utilization: float = 0.9, efficiency: float | None = None, model: str = "?",
+              dims_source: str = "?", precision: str | None = None, lengths_source: str = "given",
+              stage_link_gbs: float | None = None) -> Plan:
     """The plan for explicit dims, token lengths and hardware (see module doc); `efficiency` None:
-    `precision_efficiency`."""
+    `precision_efficiency`; `stage_link_gbs` None: pipeline stages inside one node (the card's link)."""
     if efficiency is None:
         efficiency = precision_efficiency(weight_bits, compute)
-    if tp * dp > count:
-        raise PlanError(f"tensor_parallel_size {tp} x data_parallel_size {dp} needs {tp * dp} GPUs, {count} given")
+    if min(tp, dp, pp) < 1:
+        raise PlanError(f"parallel sizes must be >= 1: tensor {tp}, pipeline {pp}, data {dp}")
+    group = tp * pp  # GPUs of one engine
+    if group * dp > count:
+        raise PlanError(f"tensor_parallel_size {tp} x pipeline_parallel_size {pp} x data_parallel_size {dp} "
+                        f"needs {group * dp} GPUs, {count} given")
+    if pp > dims.layers:
+        raise PlanError(f"pipeline_parallel_size {pp} exceeds the model's {dims.layers} layers")
     notes = []
-    if tp * dp < count:
-        notes.append(f"{count - tp * dp} GPU(s) stay idle: raise data_parallel_size")
+    if group * dp < count:
+        notes.append(f"{count - group * dp} GPU(s) stay idle: raise data_parallel_size")
     if compute not in gpu.tflops:
         notes.append(f"{gpu.name} has no {compute} matmul units: planned at its fp32 rate")
     rate = gpu.tflops.get(compute, gpu.tflops["fp32"]) * 1e12
     lengths = np.asarray(lengths, dtype=float)
     max_model_len = max_model_len or int(lengths.max()) + 8
 
-    # Memory per GPU. Matmul weights at weight_bits; embeddings and LM head stay 16-bit.
-    weights = (dims.layer_params * weight_bits / 8 + dims.embedding_params * 2) / tp
+    # Memory per GPU (the worst pipeline stage). Matmul weights at weight_bits; embeddings and LM head stay
+    # 16-bit; with stages the first holds the embedding and the last the LM head (a copy each when tied).
+    stage_layers = -(-dims.layers // pp)
+    embeddings = dims.embedding_params * 2 if pp == 1 else dims.vocab * dims.hidden * 2
+    weights = (dims.layer_params * weight_bits / 8 * stage_layers / dims.layers + embeddings) / tp
     kv_tokens = max(max_num_batched_tokens, max_model_len)  # vLLM refuses to start below one full sequence
     kv_heads_per_gpu = max(dims.kv_heads // tp, 1)
-    kv = 2 * dims.layers * kv_heads_per_gpu * dims.head_dim * 2 * kv_tokens
+    kv = 2 * stage_layers * kv_heads_per_gpu * dims.head_dim * 2 * kv_tokens
     step = max_num_batched_tokens
     activations = step * 2 * (dims.hidden * 4 + 2 * dims.intermediate / tp + dims.head_dim * (dims.heads + 2 * dims.kv_heads) / tp)
     overhead = 0.6 * 2**30 + 0.05 * gpu.memory_gib * 2**30  # CUDA context, NCCL, cuBLAS workspace, CUDA graphs
@@ -221,21 +245,33 @@ def make_plan(dims: Dims, lengths, *, gpu: Gpu, count: int, tp: int = 1, dp: int
     memory = {k: v / 2**30 for k, v in dict(weights=weights, kv_cache=kv, activations=activations,
                                                overhead=overhead, total=total, capacity=capacity).items()}
 
-    # Time: per engine step of `step` tokens, one engine spanning tp GPUs; dp engines in parallel.
+    # Time: per engine step of `step` tokens, one engine spanning tp x pp GPUs (its stages busy at once on
+    # pp batches in flight); dp engines in parallel.
     flops = sum(dims.flops_per_prompt(int(n)) for n in lengths) / len(lengths)  # per row
     tokens = lengths.mean()
     steps_per_row = tokens / step
-    compute_s = flops / (rate * tp)
+    compute_s = flops / (rate * group)
     memory_s = steps_per_row * (weights + kv) / (gpu.bandwidth_gbs * 1e9)  # weights (per GPU) once per step
-    # Two all-reduces of the hidden state per layer; a ring over tp GPUs moves 2(tp-1)/tp of it per GPU.
-    comm_s = 0.0 if tp == 1 else tokens * dims.layers * 2 * dims.hidden * 2 * 2 * (tp - 1) / tp / (gpu.link_gbs * 1e9)
+    # Two all-reduces of the hidden state per layer of a stage; a ring over tp GPUs moves 2(tp-1)/tp of it
+    # per GPU; the stages all-reduce at the same time.
+    comm_s = 0.0 if tp == 1 else \
+        tokens * stage_layers * 2 * dims.hidden * 2 * 2 * (tp - 1) / tp / (gpu.link_gbs * 1e9)
     bound = "compute" if compute_s >= memory_s else "memory"
-    per_row = (max(compute_s, memory_s) + comm_s) / efficiency / dp
+    stage_s = (max(compute_s, memory_s) + comm_s) / efficiency  # per row, every stage at once
+    send_s = bubble_s = 0.0
+    if pp > 1:  # each row's hidden states cross a stage boundary; the pipeline fills and drains once per run
+        link = stage_link_gbs or gpu.link_gbs
+        send_s = tokens * dims.hidden * 2 / (link * 1e9)
+        step_period = (stage_s + send_s) * step / tokens  # one step of `step` tokens through one stage
+        bubble_s = (pp - 1) * step_period / max(rows, 1)
+        notes.append(f"pipeline stages over a {link:.0f} GB/s link: {send_s * 1e3:.2f} ms/row of activations "
+                     f"sent; fill and drain bubble {bubble_s * rows:.2f} s per run")
+    per_row = (stage_s + send_s + bubble_s) / dp
     if tp > 1:
         notes.append(f"tensor-parallel all-reduce over a {gpu.link_gbs:.0f} GB/s link: {comm_s * 1e3:.1f} ms/row")
     return Plan(model, dims_source, gpu, count, tp, dp, precision or f"{weight_bits:g}-bit weights, {compute}",
                 memory, fits, rows, float(tokens), per_row, rows * per_row / 3600, bound, efficiency,
-                lengths_source, notes)
+                lengths_source, notes, pp=pp)
 
 
 def plan(recipe: Recipe, rows: int = ROWS_KAGGLE_TEST, gpu: str = "T4", count: int = 2, model: str = "",
@@ -249,11 +285,27 @@ def plan(recipe: Recipe, rows: int = ROWS_KAGGLE_TEST, gpu: str = "T4", count: i
         lengths, lengths_source = prompt_lengths(recipe)
     e = recipe.engine
     return make_plan(dims, lengths, gpu=gpu_spec(gpu), count=count, tp=e.tensor_parallel_size,
-                     dp=e.data_parallel_size, weight_bits=bits, compute=compute, rows=rows,
+                     dp=_engines(e, count), weight_bits=bits, compute=compute, rows=rows, **_stages(e),
                      max_num_batched_tokens=e.max_num_batched_tokens or 8192,
                      max_model_len=e.max_model_len or recipe.prompt.max_length + 8,
                      gpu_memory_utilization=e.gpu_memory_utilization, model=reference, dims_source=source,
                      precision=f"{label} (compute {compute})", lengths_source=lengths_source)
+
+
+def _stages(engine) -> dict:
+    """make_plan's pipeline arguments for an EngineConfig: its stages, across nodes (`NODE_LINK_GBS`)
+    when vLLM's Ray executor runs them, else inside one node."""
+    pp = engine.pipeline_parallel_size
+    across = pp > 1 and engine.distributed_executor_backend == "ray"
+    return {"pp": pp, "stage_link_gbs": NODE_LINK_GBS if across else None}
+
+
+def _engines(engine, count: int) -> int:
+    """Engines scoring side by side: data_parallel_size, or with `executor: ray` one per Ray actor
+    (`ray_actors`, else as many GPU groups as `count` GPUs hold)."""
+    if engine.executor != "ray":
+        return engine.data_parallel_size
+    return engine.ray_actors or max(count // (engine.tensor_parallel_size * engine.pipeline_parallel_size), 1)
 
 
 def plan_stage(recipe: Recipe, rows: int = ROWS_KAGGLE_TEST, gpu: str = "T4", count: int = 2, model: str = "") -> Plan:
@@ -278,9 +330,9 @@ def engine_plan(checkpoint: Path, engine, lengths, card: str, count: int) -> Pla
     weights = compressed_weights(config)
     scheme = (weights[0]["num_bits"], weights[0].get("group_size") or 0) if weights else None
     label, bits, compute = engine_precision(engine, scheme)
-    tp, dp = engine.tensor_parallel_size, engine.data_parallel_size
-    return make_plan(dims_from_config(config), lengths, gpu=gpu, count=max(count, tp * dp), tp=tp, dp=dp,
-                     weight_bits=bits, compute=compute, rows=len(lengths),
+    tp, dp, pp = engine.tensor_parallel_size, _engines(engine, count), engine.pipeline_parallel_size
+    return make_plan(dims_from_config(config), lengths, gpu=gpu, count=max(count, tp * pp * dp), tp=tp, dp=dp,
+                     weight_bits=bits, compute=compute, rows=len(lengths), **_stages(engine),
                      max_num_batched_tokens=engine.max_num_batched_tokens or 8192,
                      max_model_len=engine.max_model_len, gpu_memory_utilization=engine.gpu_memory_utilization,
                      model=str(checkpoint), dims_source="config.json", precision=label,
