@@ -25,7 +25,7 @@ from .quantize import check_config as check_quant_config
 from .quantize import checkpoint_size_bytes, merge_adapter, quantize_within_bound
 from .recipe import Recipe
 from .registry import resolve_model_ref
-from .scoring import open_scorer, predict, score_rows
+from .scoring import ShardPredictor, open_scorer, predict, score_rows
 from .shards import run_shards
 from .tracking import checkpoint_precision, git_commit, stage_run
 from .train import check_config as check_train_config
@@ -140,14 +140,13 @@ def infer(recipe: Recipe, input: str, output: str = "submission.csv", model: str
                     "version": ref.version, "checkpoint": str(ref.checkpoint) if not ref.version else None,
                     "calibration": ref.calibrator.to_dict(),
                     "prompt": dataclasses.asdict(recipe.prompt), "engine": dataclasses.asdict(recipe.engine)}
-        opened: list = []  # the engine, started by the first shard that needs one
+        # The engine is started by the first shard that needs one (on Ray: one run over every row left).
+        shard_predict = ShardPredictor(lambda: open_scorer(ref.checkpoint, recipe), rows, recipe.engine.swap_tta,
+                                       calibrator=ref.calibrator, predict=predict)
         spent = {"seconds": 0.0, "tokens": 0.0, "rows": 0}
 
         def compute(lo: int, hi: int) -> dict:
-            if not opened:
-                opened.extend(open_scorer(ref.checkpoint, recipe))
-            result = predict(*opened, rows.iloc[lo:hi], recipe.engine.swap_tta, progress=False,
-                             calibrator=ref.calibrator)
+            result = shard_predict(lo, hi)
             spent["seconds"] += result.seconds
             spent["tokens"] += result.prompt_tokens
             spent["rows"] += hi - lo
@@ -156,8 +155,9 @@ def infer(recipe: Recipe, input: str, output: str = "submission.csv", model: str
         try:
             shards, _ = run_shards(shard_root, manifest, len(rows), recipe.engine.shard_rows, compute, "infer shards")
         finally:
-            if opened:
-                opened[0].close()
+            shard_predict.close()
+            if shard_predict.scorer is not None:
+                shard_predict.scorer.close()
         probs = np.array([p for shard in shards for p in shard["probs"]], dtype=np.float64).reshape(-1, 3)
         if len(probs) != len(rows):
             raise RuntimeError(f"{len(probs)} predictions for {len(rows)} rows in {shard_root}")
@@ -171,7 +171,8 @@ def infer(recipe: Recipe, input: str, output: str = "submission.csv", model: str
         figures = {"rows": float(len(rows)), "rows_scored_this_run": float(scored),
                    "rows_resumed": float(len(rows) - scored)}
         if scored:
-            figures.update(speed_metrics(scored, spent["seconds"], spent["tokens"], opened[0].startup_seconds))
+            figures.update(speed_metrics(scored, spent["seconds"], spent["tokens"],
+                                         shard_predict.scorer.startup_seconds))
             prompts = scored * (2 if recipe.engine.swap_tta else 1)
             figures.update(planned_speed(ref.checkpoint, recipe.engine, prompts, spent["tokens"], scored))
         mlflow.log_metrics(figures)

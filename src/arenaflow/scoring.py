@@ -1,16 +1,20 @@
 """The one scoring path: `Scorer` (an engine started once, see backends.py) and `predict` (canonical rows
 -> prompts -> N x 3 probabilities, optional A/B swap-TTA). `open_scorer` picks the engine a checkpoint
 can run on here; every stage, datagen's teacher and the registered MLflow model score through these.
+`engine.executor` says where the engines run: `local` (this process, or one spawned process per GPU
+group with `data_parallel_size`) or `ray` (one Ray actor per GPU group of a cluster, ray_scoring.py);
+`ShardPredictor` is the per-shard work of infer and datagen's teacher on either.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 import traceback
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from .backends import BACKENDS, ScoringError, _TransformersEngine, _VllmEngine, vllm_cannot_run
-from .models import label_token_ids, load_tokenizer
+from .models import label_token_ids, load_tokenizer, read_config
+from .ray_scoring import RowGather
 from .recipe import EngineConfig, Recipe
+
+EXECUTORS = ("local", "ray")
 
 
 @dataclass
@@ -186,12 +193,13 @@ def _cuda_device_groups(engine: EngineConfig) -> list[str]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     devices = [d.strip() for d in visible.split(",") if d.strip()] if visible else \
         [str(i) for i in range(torch.cuda.device_count())]
-    need = engine.data_parallel_size * engine.tensor_parallel_size
+    group = engine.tensor_parallel_size * engine.pipeline_parallel_size
+    need = engine.data_parallel_size * group
     if need > len(devices):
         raise ScoringError(f"data_parallel_size={engine.data_parallel_size} x tensor_parallel_size="
-                           f"{engine.tensor_parallel_size} needs {need} GPUs, {len(devices)} visible")
-    tp = engine.tensor_parallel_size
-    return [",".join(devices[r * tp:(r + 1) * tp]) for r in range(engine.data_parallel_size)]
+                           f"{engine.tensor_parallel_size} x pipeline_parallel_size={engine.pipeline_parallel_size}"
+                           f" needs {need} GPUs, {len(devices)} visible")
+    return [",".join(devices[r * group:(r + 1) * group]) for r in range(engine.data_parallel_size)]
 
 
 class Scorer:
@@ -205,14 +213,26 @@ class Scorer:
                  trust_remote_code: bool = False):
         if engine.backend not in BACKENDS:
             raise ScoringError(f"engine.backend={engine.backend!r}; known: {list(BACKENDS)}")
-        if engine.data_parallel_size < 1 or engine.tensor_parallel_size < 1:
-            raise ScoringError("data_parallel_size and tensor_parallel_size must be >= 1")
+        if min(engine.data_parallel_size, engine.tensor_parallel_size, engine.pipeline_parallel_size) < 1:
+            raise ScoringError("data_parallel_size, tensor_parallel_size and pipeline_parallel_size must be >= 1")
+        if engine.executor not in EXECUTORS:
+            raise ScoringError(f"engine.executor={engine.executor!r}; known: {list(EXECUTORS)}")
+        if engine.executor == "ray" and engine.data_parallel_size > 1:
+            raise ScoringError("engine.executor=ray runs one engine per Ray actor (engine.ray_actors); "
+                               "set data_parallel_size=1")
         self.checkpoint = Path(checkpoint)
         engine = engine_for(self.checkpoint, engine)
         self.engine = engine
         start = time.perf_counter()
         max_model_len = engine.max_model_len or max_model_len
-        if engine.data_parallel_size > 1:
+        if engine.executor == "ray":  # the same Scorer, local in each actor
+            from .ray_scoring import RayScorer
+
+            make = functools.partial(Scorer, str(self.checkpoint), dataclasses.replace(engine, executor="local"),
+                                     max_model_len=max_model_len, trust_remote_code=trust_remote_code)
+            self._impl = RayScorer(make, engine, str(self.checkpoint),
+                                   max_model_len or read_config(self.checkpoint).get("max_position_embeddings"))
+        elif engine.data_parallel_size > 1:
             groups = _cuda_device_groups(engine)
             self._impl = _DataParallel(self.checkpoint, engine, groups, max_model_len, trust_remote_code)
         else:
@@ -251,6 +271,20 @@ class Scorer:
             return np.zeros((0, 3))
         return self._impl(checked, progress)
 
+    @property
+    def streams(self) -> bool:
+        """Whether `stream` yields batches as they finish (a Ray scorer) rather than everything at once."""
+        return hasattr(self._impl, "stream")
+
+    def stream(self, prompts: Sequence[Sequence[int]],
+               progress: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(prompt indices, their probabilities) batch by batch, in the order they finish."""
+        checked = self._check(prompts)
+        if self.streams:
+            yield from self._impl.stream(checked, progress)
+        elif checked:
+            yield np.arange(len(checked)), self._impl(checked, progress)
+
     def score(self, prompts: Sequence[Sequence[int]], progress: bool = True) -> ScoreResult:
         """N x 3 probabilities for N prompts (token ids), in input order, with timings."""
         start = time.perf_counter()
@@ -283,21 +317,87 @@ def score(checkpoint: Path, prompts: list[list[int]], engine: EngineConfig, prog
         return scorer.score(prompts, progress=progress)
 
 
-def predict(scorer: Scorer, builder, rows, swap_tta: bool, progress: bool = True, calibrator=None) -> ScoreResult:
-    """N x 3 probabilities for canonical rows (A/B-swap test-time augmentation if asked; then the
-    version's calibrator if given, see calibration.py) + timings."""
-    prompts = builder.build_rows(rows)
-    if not swap_tta:
-        result = scorer.score(prompts, progress=progress)
-    else:  # one call for both orders: the engine batches them together and shares the prompt prefix
-        both = scorer.score(prompts + builder.build_rows(rows, swap=True), progress=progress)
-        n = len(prompts)
-        result = ScoreResult(swap_average(both.probs[:n], both.probs[n:]), both.seconds, both.startup_seconds,
-                             both.prompt_tokens, probs_one_order=both.probs[:n], probs_swapped=both.probs[n:][:, [1, 0, 2]])
+def _finish(probs, probs_swapped, seconds: float, startup_seconds: float, prompt_tokens: int, rows,
+            calibrator) -> ScoreResult:
+    """The ScoreResult of rows scored in one A/B order (`probs_swapped` None) or both (swap-TTA, the swapped
+    order with its own columns), with the version's calibrator applied if given."""
+    if probs_swapped is None:
+        result = ScoreResult(probs, seconds, startup_seconds, prompt_tokens)
+    else:
+        result = ScoreResult(swap_average(probs, probs_swapped), seconds, startup_seconds, prompt_tokens,
+                             probs_one_order=probs, probs_swapped=probs_swapped[:, [1, 0, 2]])
     if calibrator is not None and calibrator.method != "none":
         calibrated = calibrator.apply(result.probs, rows, result.probs_swapped)
         result = dataclasses.replace(result, probs=calibrated, probs_uncalibrated=result.probs)
     return result
+
+
+def predict(scorer: Scorer, builder, rows, swap_tta: bool, progress: bool = True, calibrator=None) -> ScoreResult:
+    """N x 3 probabilities for canonical rows (A/B-swap test-time augmentation if asked; then the
+    version's calibrator if given, see calibration.py) + timings."""
+    prompts = builder.build_rows(rows)
+    n = len(prompts)
+    # With swap-TTA one call for both orders: the engine batches them together and shares the prompt prefix.
+    both = scorer.score(prompts + builder.build_rows(rows, swap=True) if swap_tta else prompts, progress=progress)
+    return _finish(both.probs[:n], both.probs[n:] if swap_tta else None, both.seconds, both.startup_seconds,
+                   both.prompt_tokens, rows, calibrator)
+
+
+class ShardPredictor:
+    """`predict` over the row ranges [lo, hi) of `rows` that shards.run_shards asks for (infer, datagen's
+    teacher); `open_engine()` -> (Scorer, PromptBuilder) runs at the first range, and the caller closes
+    that scorer. A streaming scorer (`executor: ray`) gets every row from that first `lo` to the end as one
+    Ray Data run (each row's two A/B orders side by side), so its actors start once and stay busy across
+    shards; each range then takes its rows as they come back and returns as soon as they are all in.
+    `predict` scores a range on any other scorer (the caller's, so that it can be replaced in tests)."""
+
+    def __init__(self, open_engine: Callable[[], tuple], rows, swap_tta: bool, calibrator=None,
+                 progress: bool = False, predict: Callable = predict):
+        self.open_engine, self.rows, self.swap_tta = open_engine, rows, swap_tta
+        self.calibrator, self.progress, self.predict = calibrator, progress, predict
+        self.scorer: Scorer | None = None
+        self.builder = None
+        self._stream = None
+        self._first = 0  # the row the stream starts at
+
+    def __call__(self, lo: int, hi: int) -> ScoreResult:
+        if self.scorer is None:
+            self.scorer, self.builder = self.open_engine()
+        rows = self.rows.iloc[lo:hi]
+        if not self.scorer.streams:
+            return self.predict(self.scorer, self.builder, rows, self.swap_tta, progress=self.progress,
+                                calibrator=self.calibrator)
+        if self._stream is None or lo < self._first:
+            self._start(lo)
+        per_row = 2 if self.swap_tta else 1
+        need = (np.arange(lo, hi) - self._first)[:, None] * per_row + np.arange(per_row)
+        start = time.perf_counter()
+        while not self._gather.have[need].all():
+            try:
+                index, probs = next(self._stream)
+            except StopIteration:
+                self._gather.check_complete()
+                raise
+            self._gather.add(index, probs)
+        probs = self._gather.probs[need]
+        return _finish(probs[:, 0], probs[:, 1] if self.swap_tta else None, time.perf_counter() - start,
+                       self.scorer.startup_seconds, int(self._lengths[need].sum()), rows, self.calibrator)
+
+    def _start(self, lo: int) -> None:
+        self.close()
+        rows = self.rows.iloc[lo:]
+        prompts = self.builder.build_rows(rows)
+        if self.swap_tta:
+            prompts = [p for pair in zip(prompts, self.builder.build_rows(rows, swap=True)) for p in pair]
+        self._first, self._lengths = lo, np.array([len(p) for p in prompts])
+        self._gather = RowGather(len(prompts))
+        self._stream = self.scorer.stream(prompts, self.progress)
+
+    def close(self) -> None:
+        """End a stream still running (its Ray Data run); the scorer stays open."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
 
 
 def open_scorer(checkpoint: Path, recipe: Recipe):

@@ -79,10 +79,11 @@ def resolve_teacher(recipe: Recipe) -> Teacher:
 
 def label_with_teacher(recipe: Recipe, rows: pd.DataFrame, teacher: Teacher, engines: Engines, counts: dict,
                        speed: dict, progress: bool = True) -> np.ndarray:
-    """N x 3 teacher probabilities for canonical rows (pipeline.predict, in resumable shards)."""
+    """N x 3 teacher probabilities for canonical rows (scoring.ShardPredictor, in resumable shards; with
+    `engine.executor: ray` one Ray Data run over every row left)."""
     from ..models import load_tokenizer
     from ..prompts import PromptBuilder
-    from ..scoring import predict
+    from ..scoring import ShardPredictor
 
     g = recipe.generate
     _, teacher_engine = engine_configs(recipe)
@@ -91,16 +92,21 @@ def label_with_teacher(recipe: Recipe, rows: pd.DataFrame, teacher: Teacher, eng
     manifest = {"kind": "label", "teacher": teacher.identity, "prompt": dataclasses.asdict(recipe.prompt),
                 "swap_tta": g.teacher_swap_tta, "shard_size": g.shard_size, "rows": digest(rows_key), "n": len(rows)}
     spent = {"seconds": 0.0, "rows": 0}
+    # The teacher engine (owned by `engines`) is started by the first shard that needs one.
+    shard_predict = ShardPredictor(lambda: (engines.get(teacher.checkpoint, teacher_engine), builder), rows,
+                                   g.teacher_swap_tta, progress=progress)
 
     def compute(lo: int, hi: int) -> dict:
-        scorer = engines.get(teacher.checkpoint, teacher_engine)
-        result = predict(scorer, builder, rows.iloc[lo:hi], g.teacher_swap_tta, progress=progress)
+        result = shard_predict(lo, hi)
         spent["seconds"] += result.seconds
         spent["rows"] += hi - lo
         return {"probs": result.probs.tolist(), "seconds": result.seconds}
 
-    shards, done_now = run_shards(work_dir(recipe) / "label", manifest, len(rows), g.shard_size, compute,
-                                  desc="label", progress=progress)
+    try:
+        shards, done_now = run_shards(work_dir(recipe) / "label", manifest, len(rows), g.shard_size, compute,
+                                      desc="label", progress=progress)
+    finally:
+        shard_predict.close()
     counts["rows_label_resumed"] = len(rows) - spent["rows"]
     if spent["seconds"] > 0:
         speed["label_samples_per_s"] = spent["rows"] / spent["seconds"]
