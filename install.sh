@@ -97,6 +97,10 @@ else
   # python3 lacks ensurepip (no python3-venv) get a venv without pip that uses the system's pip.
   if python3 -c 'import ensurepip' 2>/dev/null; then python3 -m venv --system-site-packages .venv
   else python3 -m venv --without-pip --system-site-packages .venv; fi
+  # A python3 that is itself a venv (the GPU image's torch lives in /opt/torch/.venv): --system-site-packages
+  # reaches only the base interpreter's packages, so the new venv also gets that venv's site-packages.
+  python3 -c 'import site, sys; sys.prefix != sys.base_prefix and print("\n".join(site.getsitepackages()))' \
+    > "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/outer-venv.pth"
 fi
 want=gpu:$(cat "${gpu_reqs[@]}" pyproject.toml | sha256sum | cut -c1-16)
 if [ -n "$wheels" ] && [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
