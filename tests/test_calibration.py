@@ -52,7 +52,7 @@ def test_one_source_folds_by_prompt_group_and_round_trip():
     calibrator = fit("vector", probs, labels)
     again = Calibrator.from_dict(calibrator.to_dict())
     np.testing.assert_allclose(again.apply(probs), calibrator.apply(probs), rtol=0, atol=1e-12)
-    assert abs(sum(calibrator.bias)) < 1e-9 and calibrator.params()["calibration.method"] == "vector"
+    assert abs(sum(calibrator.bias)) < 1e-9 and calibrator.params()["calibrator.method"] == "vector"
 
 
 def test_bad_methods_are_refused():

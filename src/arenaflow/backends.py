@@ -137,7 +137,7 @@ def _cpu_bind(tensor_parallel_size: int) -> str:
 
 
 def _set_vllm_env(engine: EngineConfig) -> None:
-    """Environment vLLM reads at engine start (see docs STACK.md); explicit user settings win."""
+    """Environment vLLM reads at engine start (each setting says why); explicit user settings win."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if _on_cuda():
         # A forked engine hung at model load after `tokenizers` ran in the parent (vllm 0.24, H100).

@@ -87,9 +87,9 @@ class Calibrator:
     def params(self) -> dict[str, float | str]:
         """Flat MLflow params of what was fitted."""
         if self.method in ("temperature", "vector"):
-            return {"calibration.method": self.method, "calibration.temperature": round(self.temperature, 6),
-                    **{f"calibration.bias_{c}": round(b, 6) for c, b in zip(("a", "b", "tie"), self.bias)}}
-        return {"calibration.method": self.method}
+            return {"calibrator.method": self.method, "calibrator.temperature": round(self.temperature, 6),
+                    **{f"calibrator.bias_{c}": round(b, 6) for c, b in zip(("a", "b", "tie"), self.bias)}}
+        return {"calibrator.method": self.method}
 
 
 def _nll(probs: np.ndarray, labels: np.ndarray) -> float:

@@ -40,7 +40,7 @@ from .models import compressed_weights, read_config
 from .recipe import Recipe
 
 # Achieved share of the roofline (compute-bound prefill) for vLLM 0.24 on an 8B bf16 model, ~1k-token
-# prompts: 42.5 samples/s measured on an H200 (docs DEVICE.md, 2026-11-27) over this module's roofline
+# prompts: 42.5 samples/s measured on an H200 (BENCHMARKS.md, 2026-11-27) over this module's roofline
 # of 68.8 samples/s for those dims and lengths. Source and caveats: BENCHMARKS.md, "plan calibration".
 EFFICIENCY = 0.62
 # Quantized engines reach less of their (higher or equal) roofline: achieved samples/s relative to bf16

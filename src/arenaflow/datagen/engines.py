@@ -60,8 +60,10 @@ def engine_configs(recipe: Recipe) -> tuple[EngineConfig, EngineConfig]:
     prompt budget + max_tokens; the teacher shares it when the recipe's engine is plain vLLM."""
     g = recipe.generate
     length = max(recipe.engine.max_model_len or 0, recipe.prompt.max_length + 8, g.max_prompt_tokens + g.max_tokens)
-    generation = dataclasses.replace(recipe.engine, backend="vllm", data_parallel_size=1, max_model_len=length)
-    if recipe.engine.backend == "vllm" and recipe.engine.data_parallel_size == 1:
+    # Generation needs the in-process LLM (not a Ray actor pool); the teacher may score on Ray.
+    generation = dataclasses.replace(recipe.engine, backend="vllm", data_parallel_size=1, max_model_len=length,
+                                     executor="local")
+    if recipe.engine.backend == "vllm" and recipe.engine.data_parallel_size == 1 and recipe.engine.executor == "local":
         return generation, generation
     teacher = dataclasses.replace(recipe.engine, max_model_len=recipe.engine.max_model_len or recipe.prompt.max_length + 8)
     return generation, teacher
