@@ -30,6 +30,7 @@ from .shards import run_shards
 from .tracking import checkpoint_precision, git_commit, stage_run
 from .train import check_config as check_train_config
 from .train import finetune as train_adapter
+from .train_launch import launch as launch_training
 
 
 def datagen(recipe: Recipe, input: str = "", prompts_file: str = "") -> str:
@@ -204,8 +205,9 @@ def finetune(recipe: Recipe, data: str = "") -> str:
         references = reference_log_losses(train, valid)  # what the finetuned model must beat, same rows
         mlflow.log_metrics(references)
         with tempfile.TemporaryDirectory() as tmp:
-            result = train_adapter(base, train, valid, recipe.prompt, recipe.train, Path(tmp),
-                                   trust_remote_code=recipe.model.trust_remote_code)
+            train_fn = train_adapter if recipe.train.processes == 1 else launch_training
+            result = train_fn(base, train, valid, recipe.prompt, recipe.train, Path(tmp),
+                              trust_remote_code=recipe.model.trust_remote_code)
             mlflow.log_artifacts(str(result.adapter_dir), "adapter")
         final = result.kept  # the saved adapter's validation: the last epoch's, or the best with keep_best_epoch
         mlflow.log_metrics({"train_loss": result.train_loss, "train_seconds": result.seconds,

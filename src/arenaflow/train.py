@@ -138,8 +138,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainError(f"train.head must be one of {HEADS}, got {cfg.head!r}")
     _dtype(cfg.bnb_4bit_compute_dtype)
     _target_modules(cfg.target_modules)
-    if cfg.epochs <= 0 or cfg.batch_size < 1 or cfg.gradient_accumulation_steps < 1 or cfg.lora_r < 1:
-        raise TrainError("train.epochs, batch_size, gradient_accumulation_steps and lora_r must be positive")
+    if cfg.epochs <= 0 or min(cfg.batch_size, cfg.gradient_accumulation_steps, cfg.lora_r, cfg.processes) < 1:
+        raise TrainError("train.epochs, batch_size, gradient_accumulation_steps, lora_r and processes must be positive")
     if not 0 <= cfg.warmup_ratio < 1:
         raise TrainError(f"train.warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
     for key, value, allowed in (("adapter_dtype", cfg.adapter_dtype, ADAPTER_DTYPES), ("autocast", cfg.autocast, AUTOCAST),
@@ -478,13 +478,14 @@ def finetune(base_checkpoint: Path, train_rows: pd.DataFrame, valid_rows: pd.Dat
         logger.info("saving the adapter validated at epoch %.2f: %s", kept["epoch"] or 0, kept)
 
     adapter_dir = Path(out_dir) / "adapter"
-    trainer.model.save_pretrained(adapter_dir)
-    run.tokenizer.save_pretrained(adapter_dir)
-    (adapter_dir / "arenaflow_train.json").write_text(json.dumps({
-        "base_checkpoint": str(base_checkpoint), "head": train_cfg.head, "label_ids": list(run.builder.label_ids),
-        "loss": "3-way cross-entropy over the label-token logits at the answer position",
-        "train": asdict(train_cfg), "prompt": asdict(prompt_cfg),
-    }, indent=2))
+    if trainer.is_world_process_zero():  # under accelerate launch (train_launch.py), rank 0 alone writes
+        trainer.model.save_pretrained(adapter_dir)
+        run.tokenizer.save_pretrained(adapter_dir)
+        (adapter_dir / "arenaflow_train.json").write_text(json.dumps({
+            "base_checkpoint": str(base_checkpoint), "head": train_cfg.head, "label_ids": list(run.builder.label_ids),
+            "loss": "3-way cross-entropy over the label-token logits at the answer position",
+            "train": asdict(train_cfg), "prompt": asdict(prompt_cfg),
+        }, indent=2))
 
     return TrainResult(
         adapter_dir=adapter_dir, train_loss=float(output.training_loss), loss_history=run.history, valid=run.valid,
