@@ -276,10 +276,8 @@ def bench_stage(recipe: Recipe, model: str = "", rows: int = 64, engines: str = 
 
     import mlflow
 
-    from .data import subsample
-    from .models import load_tokenizer
-    from .data import evaluation_rows
-    from .models import resolve_model
+    from .data import evaluation_rows, subsample
+    from .models import load_tokenizer, resolve_model
     from .prompts import PromptBuilder
     from .tracking import stage_run
 

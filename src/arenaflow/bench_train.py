@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .architectures import dims_from_config
+from .bench import metric_prefix
 from .hardware import card_name, measured_matmul_tflops
 from .models import load_tokenizer, read_config, resolve_model
 from .recipe import Recipe, TrainConfig, _coerce
@@ -166,10 +167,6 @@ def synthetic_rows(n: int, lo: int, hi: int, n_train: int, n_valid: int, builder
 
 
 # ---------------------------------------------------------------------------------------------- figures
-
-def metric_prefix(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_]+", "_", label).strip("_")
-
 
 @dataclass
 class VariantFigures:

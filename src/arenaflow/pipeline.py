@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 
 from . import data as data_mod
@@ -25,8 +24,7 @@ from .quantize import check_config as check_quant_config
 from .quantize import checkpoint_size_bytes, merge_adapter, quantize_within_bound
 from .recipe import Recipe
 from .registry import resolve_model_ref
-from .scoring import ShardPredictor, open_scorer, predict, score_rows
-from .shards import run_shards
+from .scoring import ShardPredictor, open_scorer, predict, predict_in_shards, score_rows
 from .tracking import checkpoint_precision, git_commit, stage_run
 from .train import check_config as check_train_config
 from .train import finetune as train_adapter
@@ -144,24 +142,12 @@ def infer(recipe: Recipe, input: str, output: str = "submission.csv", model: str
         # The engine is started by the first shard that needs one (on Ray: one run over every row left).
         shard_predict = ShardPredictor(lambda: open_scorer(ref.checkpoint, recipe), rows, recipe.engine.swap_tta,
                                        calibrator=ref.calibrator, predict=predict)
-        spent = {"seconds": 0.0, "tokens": 0.0, "rows": 0}
-
-        def compute(lo: int, hi: int) -> dict:
-            result = shard_predict(lo, hi)
-            spent["seconds"] += result.seconds
-            spent["tokens"] += result.prompt_tokens
-            spent["rows"] += hi - lo
-            return {"probs": result.probs.tolist()}
-
         try:
-            shards, _ = run_shards(shard_root, manifest, len(rows), recipe.engine.shard_rows, compute, "infer shards")
+            probs, spent = predict_in_shards(shard_predict, shard_root, manifest, recipe.engine.shard_rows,
+                                             "infer shards")
         finally:
-            shard_predict.close()
             if shard_predict.scorer is not None:
                 shard_predict.scorer.close()
-        probs = np.array([p for shard in shards for p in shard["probs"]], dtype=np.float64).reshape(-1, 3)
-        if len(probs) != len(rows):
-            raise RuntimeError(f"{len(probs)} predictions for {len(rows)} rows in {shard_root}")
         submission = pd.DataFrame({"id": rows["id"], "winner_model_a": probs[:, 0],
                                    "winner_model_b": probs[:, 1], "winner_tie": probs[:, 2]})
         output_path.parent.mkdir(parents=True, exist_ok=True)

@@ -196,12 +196,20 @@ def resolve_model_uri(uri: str, dst_path: str | Path | None = None) -> Path:
     return model_checkpoint(local)
 
 
+def _pyfunc_flavor(model_dir: Path) -> dict | None:
+    """The python_function flavor of the MLflow Model in `model_dir` (artifacts, model config), or None."""
+    mlmodel = model_dir / "MLmodel"
+    if not mlmodel.exists():
+        return None
+    return yaml.safe_load(mlmodel.read_text()).get("flavors", {}).get("python_function", {})
+
+
 def model_checkpoint(local: Path) -> Path:
     """The checkpoint directory inside a downloaded MLflow Model (its `checkpoint` artifact); a plain
     checkpoint directory is returned as it is."""
-    if not (local / "MLmodel").exists():
+    flavor = _pyfunc_flavor(local)
+    if flavor is None:
         return local
-    flavor = yaml.safe_load((local / "MLmodel").read_text()).get("flavors", {}).get("python_function", {})
     path = (flavor.get("artifacts") or {}).get("checkpoint", {}).get("path")
     if not path:
         raise RegistryError(f"{local}: an MLflow Model without a `checkpoint` artifact; not an arenaflow version")
@@ -345,11 +353,8 @@ class ModelRef:
 
 def stored_calibrator(checkpoint: Path) -> Calibrator:
     """The calibrator in the model config of the MLflow Model a checkpoint was downloaded with (none else)."""
-    mlmodel = checkpoint.parent.parent / "MLmodel"
-    if checkpoint.parent.name != "artifacts" or not mlmodel.exists():
-        return Calibrator()
-    flavor = yaml.safe_load(mlmodel.read_text()).get("flavors", {}).get("python_function", {})
-    return Calibrator.from_dict((flavor.get("config") or {}).get("calibration"))
+    flavor = _pyfunc_flavor(checkpoint.parent.parent) if checkpoint.parent.name == "artifacts" else None
+    return Calibrator.from_dict(((flavor or {}).get("config") or {}).get("calibration"))
 
 
 def resolve_model_ref(reference: str, recipe: Recipe) -> ModelRef:

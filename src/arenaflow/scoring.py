@@ -25,6 +25,7 @@ from .backends import BACKENDS, ScoringError, _TransformersEngine, _VllmEngine, 
 from .models import label_token_ids, load_tokenizer, read_config
 from .ray_scoring import RowGather
 from .recipe import EngineConfig, Recipe
+from .shards import run_shards
 
 EXECUTORS = ("local", "ray")
 
@@ -398,6 +399,30 @@ class ShardPredictor:
         stream, self._stream = self._stream, None
         if stream is not None:
             stream.close()
+
+
+def predict_in_shards(predictor: ShardPredictor, root: Path, manifest: dict, shard_rows: int, desc: str,
+                      progress: bool = True) -> tuple[np.ndarray, dict[str, float]]:
+    """N x 3 probabilities of `predictor.rows`, scored in resumable shards (shards.run_shards under `root`,
+    keyed by `manifest`), and what this run scored itself: seconds, prompt tokens, rows. The predictor's
+    stream is ended; its scorer stays open for the caller (infer owns it, datagen's `Engines` theirs)."""
+    spent = {"seconds": 0.0, "tokens": 0.0, "rows": 0}
+
+    def compute(lo: int, hi: int) -> dict:
+        result = predictor(lo, hi)
+        spent["seconds"] += result.seconds
+        spent["tokens"] += result.prompt_tokens
+        spent["rows"] += hi - lo
+        return {"probs": result.probs.tolist()}
+
+    try:
+        shards, _ = run_shards(root, manifest, len(predictor.rows), shard_rows, compute, desc, progress)
+    finally:
+        predictor.close()
+    probs = np.array([p for shard in shards for p in shard["probs"]], dtype=np.float64).reshape(-1, 3)
+    if len(probs) != len(predictor.rows):
+        raise ScoringError(f"{len(probs)} predictions for {len(predictor.rows)} rows in {root}")
+    return probs, spent
 
 
 def open_scorer(checkpoint: Path, recipe: Recipe):

@@ -11,7 +11,7 @@ import pandas as pd
 
 from ..data import SOFT_COLUMNS, TEXT_COLUMNS
 from ..recipe import Recipe
-from ..shards import digest, run_shards
+from ..shards import digest
 from . import DatagenError
 from .engines import Engines, engine_configs, work_dir
 
@@ -83,7 +83,7 @@ def label_with_teacher(recipe: Recipe, rows: pd.DataFrame, teacher: Teacher, eng
     `engine.executor: ray` one Ray Data run over every row left)."""
     from ..models import load_tokenizer
     from ..prompts import PromptBuilder
-    from ..scoring import ShardPredictor
+    from ..scoring import ShardPredictor, predict_in_shards
 
     g = recipe.generate
     _, teacher_engine = engine_configs(recipe)
@@ -91,24 +91,13 @@ def label_with_teacher(recipe: Recipe, rows: pd.DataFrame, teacher: Teacher, eng
     rows_key = [[i, p, a, b] for i, p, a, b in zip(rows["id"], *(rows[c].map(list) for c in TEXT_COLUMNS))]
     manifest = {"kind": "label", "teacher": teacher.identity, "prompt": dataclasses.asdict(recipe.prompt),
                 "swap_tta": g.teacher_swap_tta, "shard_size": g.shard_size, "rows": digest(rows_key), "n": len(rows)}
-    spent = {"seconds": 0.0, "rows": 0}
     # The teacher engine (owned by `engines`) is started by the first shard that needs one.
     shard_predict = ShardPredictor(lambda: (engines.get(teacher.checkpoint, teacher_engine), builder), rows,
                                    g.teacher_swap_tta, progress=progress)
-
-    def compute(lo: int, hi: int) -> dict:
-        result = shard_predict(lo, hi)
-        spent["seconds"] += result.seconds
-        spent["rows"] += hi - lo
-        return {"probs": result.probs.tolist(), "seconds": result.seconds}
-
-    try:
-        shards, done_now = run_shards(work_dir(recipe) / "label", manifest, len(rows), g.shard_size, compute,
-                                      desc="label", progress=progress)
-    finally:
-        shard_predict.close()
+    probs, spent = predict_in_shards(shard_predict, work_dir(recipe) / "label", manifest, g.shard_size, "label",
+                                     progress=progress)
     counts["rows_label_resumed"] = len(rows) - spent["rows"]
     if spent["seconds"] > 0:
         speed["label_samples_per_s"] = spent["rows"] / spent["seconds"]
-    return np.array([p for shard in shards for p in shard["probs"]], dtype=np.float64).reshape(-1, 3)
+    return probs
 
