@@ -431,10 +431,12 @@ def prepare_train_bench(recipe: Recipe, model: str = "", variants: str = "", *, 
     if steps < 1 or warmup_steps < 0 or rows < 1:
         raise TrainBenchError(f"need steps >= 1, warm-up steps >= 0 and validation rows >= 1 (got {steps}, "
                               f"{warmup_steps}, {rows})")
+    from .train import settle_memory
+
     specs = parse_variants(variants)
-    configs = [variant_config(recipe.train, v) for v in specs]
     reference = model or recipe.model.base
     checkpoint = resolve_model(reference)
+    configs = [settle_memory(variant_config(recipe.train, v), checkpoint, recipe.prompt.max_length)[0] for v in specs]
     tokenizer = load_tokenizer(checkpoint, recipe.model.trust_remote_code)
     builder = PromptBuilder(tokenizer, recipe.prompt)
     needed = max((warmup_steps + steps) * c.batch_size * c.gradient_accumulation_steps for c in configs)

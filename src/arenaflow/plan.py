@@ -28,6 +28,7 @@ Model dimensions come from the checkpoint's config.json when it is local, else f
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +101,9 @@ def model_dims(reference: str) -> tuple[Dims, str]:
     if known is None:
         raise PlanError(f"no dimensions for model {reference!r}: not a local checkpoint and not one of "
                         f"{sorted(ARCHITECTURES)}")
+    if reference.startswith("random:"):  # built with SmolLM2's tokenizer (models.build_architecture)
+        return dataclasses.replace(known[1], vocab=ARCHITECTURES["smollm2-135m"].vocab), \
+            f"table ({known[0]}, SmolLM2's vocabulary)"
     return known[1], f"table ({known[0]})"
 
 
@@ -173,6 +177,7 @@ class Plan:
     lengths_source: str
     notes: list[str] = field(default_factory=list)
     pp: int = 1  # pipeline stages
+    stages: list = field(default_factory=list)  # plan_stage: the StagePlan of finetune, quantize, scoring
 
     def table(self) -> str:
         m = self.memory_gib
@@ -308,9 +313,97 @@ def _engines(engine, count: int) -> int:
     return engine.ray_actors or max(count // (engine.tensor_parallel_size * engine.pipeline_parallel_size), 1)
 
 
+@dataclass
+class StagePlan:
+    """One stage of the recipe on the card: memory per GPU, whether it fits, wall time, and why."""
+
+    stage: str
+    memory_gib: float
+    capacity_gib: float
+    fits: bool
+    seconds: float
+    detail: str
+
+    def line(self) -> str:
+        verdict = "FITS" if self.fits else "DOES NOT FIT"
+        return (f"  {self.stage}: {self.memory_gib:.1f} of {self.capacity_gib:.1f} GiB per GPU -> {verdict}; "
+                f"{self.seconds / 60:.1f} min\n    {self.detail}")
+
+
+def _rate(gpu: Gpu, dtype: str) -> float:
+    """The card's dense TFLOP/s for a torch dtype name (bfloat16 on a T4: its fp32 rate)."""
+    key = {"float16": "fp16", "fp16": "fp16", "bfloat16": "bf16", "bf16": "bf16"}.get(dtype, "fp32")
+    return gpu.tflops.get(key, gpu.tflops["fp32"])
+
+
+def finetune_plan(recipe: Recipe, dims: Dims, lengths, gpu: Gpu, count: int) -> StagePlan:
+    """Finetune (plan_stages): `train.gradient_checkpointing: auto` as finetune settles it on this card,
+    else the recipe's own micro-batch and checkpointing; each of `train.processes` GPUs holds the model."""
+    from .plan_stages import GIB, TRAIN_MEMORY_SHARE, fit_training, train_memory, train_seconds
+
+    cfg = recipe.train
+    max_length = recipe.prompt.max_length + 1
+    if cfg.gradient_checkpointing == "auto":
+        fit = fit_training(dims, cfg, max_length, gpu.memory_gib)
+        micro, checkpointing, how = fit.micro_batch, fit.checkpointing, f"auto: {fit.reason}"
+    else:
+        micro, checkpointing, how = cfg.batch_size, bool(cfg.gradient_checkpointing), "the recipe's settings"
+    memory = train_memory(dims, cfg, micro * max_length, checkpointing)
+    budget = gpu.memory_gib * TRAIN_MEMORY_SHARE
+    split = len(lengths) * (1 - recipe.data.valid_fraction) * (2 if recipe.data.swap_augment else 1)
+    rows = int(min(cfg.max_train_rows or split, split) if recipe.data.files else cfg.max_train_rows or split)
+    processes = min(cfg.processes, count)
+    seconds = train_seconds(dims, cfg, lengths, rows, _rate(gpu, cfg.bnb_4bit_compute_dtype), checkpointing, micro,
+                            processes)
+    kind = "QLoRA NF4" if cfg.load_in_4bit else "bf16 LoRA"
+    detail = (f"{kind}, micro-batch {micro} x {max_length} tokens{' + checkpointing' if checkpointing else ''} ({how}); "
+              f"weights {memory.weights / GIB:.1f} + LoRA {memory.lora / GIB:.1f} + activations "
+              f"{memory.activations / GIB:.1f} + overhead {memory.overhead / GIB:.1f} GiB, usable "
+              f"{TRAIN_MEMORY_SHARE:.0%} of the card; {rows} rows x {cfg.epochs:g} epochs on {processes} GPU(s)")
+    fits = memory.total / GIB <= budget
+    if not fits:
+        smallest = train_memory(dims, cfg, max_length, True).total / GIB
+        detail += (f"; needs a card with >= {memory.total / GIB / TRAIN_MEMORY_SHARE:.0f} GiB (every process holds "
+                   "the whole model: FSDP/ZeRO-3 is not wired)" + (
+                       f", or train.gradient_checkpointing=auto ({smallest:.1f} GiB at micro-batch 1 + checkpointing)"
+                       if smallest <= budget else ", or a smaller model or prompt.max_length"))
+    return StagePlan("finetune", memory.total / GIB, budget, fits, seconds, detail)
+
+
+def quantize_stage_plan(recipe: Recipe, dims: Dims, gpu: Gpu) -> StagePlan:
+    """Merge + AWQ (plan_stages.quantize_plan) on one GPU of the card; the scoring after it is `plan`'s."""
+    from .plan_stages import quantize_plan
+
+    q = quantize_plan(dims, recipe.quant, _rate(gpu, recipe.quant.merge_dtype))
+    memory = max(q.merge_gpu_gib, q.awq_gpu_gib)
+    merge_where = "on the GPU (NF4 base dequantized)" if q.merge_gpu_gib else "on the host"
+    detail = (f"merge {merge_where}: {q.merge_gpu_gib:.1f} GiB GPU, {q.merge_host_gib:.1f} GiB host, "
+              f"{q.merge_seconds:.0f} s; {recipe.quant.method} {recipe.quant.scheme}: {q.awq_gpu_gib:.1f} GiB GPU "
+              f"(one layer at a time), {q.awq_host_gib:.1f} GiB host RAM, {q.quantize_seconds:.0f} s")
+    fits = memory <= gpu.memory_gib
+    if not fits:
+        detail += (f"; the merge needs a card with >= {memory:.0f} GiB, or quant.merge_base=original "
+                   f"(merged on the host: {2 * q.merge_host_gib:.0f} GiB RAM)")
+    return StagePlan("quantize", memory, gpu.memory_gib, fits, q.merge_seconds + q.quantize_seconds, detail)
+
+
 def plan_stage(recipe: Recipe, rows: int = ROWS_KAGGLE_TEST, gpu: str = "T4", count: int = 2, model: str = "") -> Plan:
-    """CLI `arenaflow plan`: print the plan (no MLflow run: nothing is executed)."""
-    result = plan(recipe, rows=rows, gpu=gpu, count=count, model=model)
+    """CLI `arenaflow plan`: print the plan of every stage, finetune, quantize and scoring (no MLflow run:
+    nothing is executed). Returns the scoring plan, its `stages` the three StagePlans."""
+    lengths, lengths_source = prompt_lengths(recipe)
+    result = plan(recipe, rows=rows, gpu=gpu, count=count, model=model, lengths=lengths)
+    result.lengths_source = lengths_source
+    dims = model_dims(model or recipe.model.base)[0]
+    scoring = StagePlan("scoring", result.memory_gib["total"], result.memory_gib["capacity"], result.fits,
+                        result.hours * 3600, f"{rows} rows, {result.precision}, tensor parallel {result.tp} x data "
+                        f"parallel {result.dp} (below)")
+    result.stages = [finetune_plan(recipe, dims, lengths, result.gpu, count),
+                     quantize_stage_plan(recipe, dims, result.gpu), scoring]
+    fit = [s.stage for s in result.stages if s.fits]
+    print(f"plan: {result.model} on {count}x {result.gpu.name}, every stage")
+    print("\n".join(s.line() for s in result.stages))
+    print(f"  fits {count}x {result.gpu.name}: {', '.join(fit) or 'no stage'}; "
+          f"needs a bigger card: {', '.join(s.stage for s in result.stages if not s.fits) or 'none'}")
     print(result.table())
     return result
 

@@ -57,7 +57,8 @@ class TrainConfig:
     learning_rate: float = 2e-4
     batch_size: int = 4
     gradient_accumulation_steps: int = 4
-    gradient_checkpointing: bool = False
+    # auto: finetune picks checkpointing and the micro-batch on a GPU from the memory plan (plan_stages.py)
+    gradient_checkpointing: bool | typing.Literal["auto"] = False
     max_train_rows: int | None = None  # None: every training row
     max_valid_rows: int | None = None  # None: every validation row
     warmup_ratio: float = 0.05
@@ -189,8 +190,18 @@ def _coerce(value, tp, where: str):
         if (type(None) in args and isinstance(value, str) and not isinstance(value, Quoted)
                 and value.lower() in ("none", "null", "")):
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, where)
+        inner = [a for a in args if a is not type(None)]
+        for candidate in inner[:-1]:  # e.g. `bool | Literal["auto"]`: the first type that takes the value
+            try:
+                return _coerce(value, candidate, where)
+            except RecipeError:
+                pass
+        return _coerce(value, inner[-1], where)
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise RecipeError(f"{where}: expected one of {', '.join(map(str, allowed))}, got {value!r}")
+        return value
     if origin is list:
         (inner,) = typing.get_args(tp)
         if isinstance(value, Quoted):

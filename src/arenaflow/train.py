@@ -38,7 +38,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +77,8 @@ class TrainResult:
     rows_unlabelled: int = 0  # training rows without label or soft labels (not trainable, skipped)
     valid_rows: int = 0
     head: str = "lm"
+    peak_gpu_memory_gib: float | None = None  # NVML, during training only (None on CPU)
+    planned: dict = field(default_factory=dict)  # plan_stages' prediction for this run on this card (GPU only)
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -138,6 +140,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainError(f"train.head must be one of {HEADS}, got {cfg.head!r}")
     _dtype(cfg.bnb_4bit_compute_dtype)
     _target_modules(cfg.target_modules)
+    if cfg.gradient_checkpointing not in (True, False, "auto"):
+        raise TrainError(f"train.gradient_checkpointing must be true, false or auto, got {cfg.gradient_checkpointing!r}")
     if cfg.epochs <= 0 or min(cfg.batch_size, cfg.gradient_accumulation_steps, cfg.lora_r, cfg.processes) < 1:
         raise TrainError("train.epochs, batch_size, gradient_accumulation_steps, lora_r and processes must be positive")
     if not 0 <= cfg.warmup_ratio < 1:
@@ -157,6 +161,29 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
         raise TrainError("train.use_liger_kernel needs the liger-kernel package, which is not installed here "
                          "(pip install liger-kernel); set it to false")
+
+
+def settle_memory(cfg: TrainConfig, checkpoint: Path, max_length: int):
+    """(the TrainConfig to train with, the plan's TrainFit or None). `gradient_checkpointing: auto` on a GPU:
+    checkpointing and micro-batch from the memory plan (plan_stages.fit_training) for this card; on a CPU
+    (host memory is not the limit there) no checkpointing. TrainError, with the plan's numbers and the
+    settings to change, when nothing fits: before any weights load."""
+    import torch
+
+    from .architectures import dims_from_config
+    from .models import read_config
+    from .plan_stages import GIB, fit_training, fitted_config
+
+    if cfg.gradient_checkpointing != "auto":
+        return cfg, None
+    if not torch.cuda.is_available():
+        return replace(cfg, gradient_checkpointing=False), None
+    capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+    fit = fit_training(dims_from_config(read_config(checkpoint)), cfg, max_length + 1, capacity)
+    if not fit.fits:
+        raise TrainError(f"finetune does not fit this GPU ({capacity:.1f} GiB): {fit.reason} ({'; '.join(fit.tried)}). "
+                         "Lower prompt.max_length, set train.load_in_4bit=true or lower train.lora_r, or use a larger card")
+    return fitted_config(cfg, fit), fit
 
 
 def adapter_dtype(cfg: TrainConfig) -> str:
@@ -403,6 +430,8 @@ def build_trainer(base_checkpoint: Path, train_dataset, tokenizer, label_ids: Se
     from trl import SFTConfig
 
     check_config(train_cfg)
+    if train_cfg.gradient_checkpointing == "auto":
+        train_cfg = settle_memory(train_cfg, base_checkpoint, max(len(ids) for ids in train_dataset["input_ids"]))[0]
     set_seed(train_cfg.seed)  # the LoRA init too (the Trainer seeds only later), whatever ran before
     model = load_base_model(base_checkpoint, train_cfg, trust_remote_code=trust_remote_code)
     model = get_peft_model(model, lora_config(model, train_cfg, label_ids))
@@ -468,9 +497,13 @@ def finetune(base_checkpoint: Path, train_rows: pd.DataFrame, valid_rows: pd.Dat
     """
     run = prepare_training(base_checkpoint, train_rows, valid_rows, prompt_cfg, train_cfg, out_dir,
                            valid_log_loss_fn, trust_remote_code=trust_remote_code)
+    from .hardware import GpuMemoryPeak
+
     trainer = run.trainer
+    planned = planned_training(base_checkpoint, trainer, train_cfg)
     start = time.perf_counter()
-    output = trainer.train()
+    with GpuMemoryPeak() as memory:
+        output = trainer.train()
     run.callback.run(trainer.state, trainer.model)  # a fractional last epoch may end between epoch ends
     seconds = time.perf_counter() - start - run.timing["valid_seconds"]
     kept = run.callback.restore_best(trainer.model)
@@ -493,4 +526,32 @@ def finetune(base_checkpoint: Path, train_rows: pd.DataFrame, valid_rows: pd.Dat
         examples_seen=trainer.rows_seen, seconds_per_row=seconds / max(trainer.rows_seen, 1),
         steps=int(trainer.state.global_step), rows_unlabelled=run.rows_unlabelled,
         valid_rows=0 if run.valid_rows is None else len(run.valid_rows), head=train_cfg.head,
+        peak_gpu_memory_gib=memory.peak_gib, planned=planned,
     )
+
+
+def planned_training(checkpoint: Path, trainer, cfg: TrainConfig) -> dict:
+    """What plan_stages predicts for this training run on this card (the trainer's settled micro-batch,
+    checkpointing and rows), named like the measured figures with a `plan_` prefix; {} on CPU."""
+    import torch
+
+    from .architectures import dims_from_config
+    from .models import read_config
+    from .plan import GPUS, PlanError, gpu_spec
+    from .plan_stages import GIB, train_memory, train_seconds
+
+    if not torch.cuda.is_available():
+        return {}
+    try:
+        gpu = gpu_spec(torch.cuda.get_device_name())
+    except PlanError:
+        gpu = GPUS["H100"]  # an unknown card: planned as an H100 (named in the note)
+    args = trainer.args
+    dims = dims_from_config(read_config(checkpoint))
+    lengths = [len(ids) - 1 for ids in trainer.train_dataset["input_ids"]]
+    micro = args.per_device_train_batch_size
+    rows = len(lengths) * args.world_size
+    seconds = train_seconds(dims, replace(cfg, epochs=args.num_train_epochs), lengths, rows, gpu.tflops["bf16"],
+                            bool(args.gradient_checkpointing), micro, processes=args.world_size)
+    memory = train_memory(dims, cfg, micro * max(lengths + [0]) + micro, bool(args.gradient_checkpointing))
+    return {"plan_train_seconds": seconds, "plan_train_peak_gpu_memory_gib": memory.total / GIB}
