@@ -25,6 +25,7 @@ Scripts that create a vLLM engine need an `if __name__ == "__main__":` guard (wo
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -142,10 +143,38 @@ def _set_vllm_env(engine: EngineConfig) -> None:
     if _on_cuda():
         # A forked engine hung at model load after `tokenizers` ran in the parent (vllm 0.24, H100).
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        if importlib.util.find_spec("flashinfer") is None:
+            # install.sh --gpu leaves vLLM's optional flashinfer out; its sampler would import it at start.
+            os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     else:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: 2-5 s start, not 20 s
         ranks = engine.tensor_parallel_size * engine.pipeline_parallel_size
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cpu_bind(ranks))
+
+
+# Left free beside vLLM when another process holds part of the GPU (its own allocations grow a little).
+GPU_MEMORY_MARGIN_GIB = 1.0
+
+
+def memory_utilization(engine: EngineConfig) -> float:
+    """`engine.gpu_memory_utilization`, or less when the memory free now is below that share of the card
+    (another process holds some): vLLM refuses to start otherwise. Its KV cache is then smaller."""
+    from .hardware import gpu_memory_gib
+
+    asked = engine.gpu_memory_utilization
+    memory = gpu_memory_gib(engine.tensor_parallel_size * engine.pipeline_parallel_size)
+    if memory is None:
+        return asked
+    free, total = memory
+    fitting = round((free - GPU_MEMORY_MARGIN_GIB) / total, 3)
+    if fitting >= asked:
+        return asked
+    if fitting <= 0.05:
+        raise ScoringError(f"only {free:.1f} of {total:.1f} GiB are free on the GPU: another process holds the rest; "
+                           "stop it or lower what it uses before scoring")
+    print(f"vLLM: {free:.1f} of {total:.1f} GiB free on the GPU, so gpu_memory_utilization {fitting} instead of "
+          f"the recipe's {asked} (a smaller KV cache)")
+    return fitting
 
 
 class _VllmEngine:
@@ -171,7 +200,7 @@ class _VllmEngine:
         if engine.distributed_executor_backend:
             kwargs["distributed_executor_backend"] = engine.distributed_executor_backend
         if _on_cuda():
-            kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
+            kwargs["gpu_memory_utilization"] = memory_utilization(engine)
         else:  # without an explicit size the CPU backend fails its memory check at start
             kwargs["kv_cache_memory_bytes"] = int(engine.cpu_kv_cache_gib * 2**30)
         if self.classify:

@@ -18,7 +18,6 @@ The hardware probes (card, GPU count, measured matmul rate) are in hardware.py.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import math
 import re
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .hardware import card_name, gpu_count, measured_matmul_tflops
+from .hardware import card_name, free_gpu_memory, gpu_count, measured_matmul_tflops
 from .plan import model_dims
 from .recipe import EngineConfig, Recipe
 
@@ -189,17 +188,6 @@ class BenchReport:
         return "\n".join(head + [fmt(cols), "  " + "-+-".join("-" * w for w in widths)] + [fmt(r) for r in rows])
 
 
-def _free_cuda() -> None:
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
-
-
 def run_bench(checkpoint: Path, prompts: list[list[int]], specs: list[EngineSpec], base: EngineConfig, *,
               warmup_prompts: list[list[int]] | None = None, labels: np.ndarray | None = None,
               max_model_len: int | None = None, model_note: str = "", progress: bool = False,
@@ -254,7 +242,7 @@ def run_bench(checkpoint: Path, prompts: list[list[int]], specs: list[EngineSpec
             fig.error = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}"
             print(f"bench: engine {spec.label} failed: {type(err).__name__}: {err}")
         finally:
-            _free_cuda()
+            free_gpu_memory()
         if not fig.error:
             print(f"bench: {spec.label}: {fig.samples_per_s:.2f} samples/s, {fig.tokens_per_s:.0f} tokens/s, "
                   f"MFU {100 * fig.mfu_matmul:.1f}% of the sustained matmul per GPU, start-up {fig.startup_seconds:.1f} s",

@@ -77,6 +77,41 @@ def measured_matmul_tflops(size: int | None = None, repeats: int = 20,
     return burst, sustained, f"{str(dtype).removeprefix('torch.')} {size}^3"
 
 
+def gpu_memory_gib(devices: int = 1) -> tuple[float, float] | None:
+    """(free, total) GiB of the most used of the first `devices` GPUs this process sees (CUDA_VISIBLE_DEVICES
+    order), read through NVML (no CUDA context is created); None without NVML or GPUs."""
+    import os
+
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        count = pynvml.nvmlDeviceGetCount()
+    except Exception:  # noqa: BLE001 - no NVML library or no NVIDIA GPU
+        return None
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    indices = [int(v) for v in visible if v.isdigit()] if visible else list(range(count))
+    if not indices or len(indices) != len(visible or indices):  # UUIDs or MIG names: not mapped here
+        return None
+    infos = [pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)) for i in indices[:devices]]
+    worst = min(infos, key=lambda m: m.free)
+    return worst.free / 2**30, worst.total / 2**30
+
+
+def free_gpu_memory() -> None:
+    """Collect garbage and hand the caching allocator's free blocks back to the driver, so that a
+    process started next (vLLM's engine core) finds the memory free."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class GpuMemoryPeak:
     """Peak device memory in use on this machine's GPUs while the block runs (GiB, the largest GPU),
     sampled through NVML every `interval` s: it counts every process, vLLM's engine core included.

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -24,10 +26,11 @@ from .quantize import check_config as check_quant_config
 from .quantize import checkpoint_size_bytes, merge_adapter, quantize_within_bound
 from .recipe import Recipe
 from .registry import resolve_model_ref
-from .scoring import ShardPredictor, open_scorer, predict, predict_in_shards, score_rows
+from .scoring import KeptEngine, ShardPredictor, open_scorer, predict, predict_in_shards, score_rows
 from .tracking import checkpoint_precision, git_commit, stage_run
 from .train import check_config as check_train_config
 from .train import finetune as train_adapter
+from .train import settle_memory
 from .train_launch import launch as launch_training
 
 
@@ -176,9 +179,16 @@ def finetune(recipe: Recipe, data: str = "") -> str:
     log_loss on the same rows, and the adapter under the run's `adapter/` artifacts."""
     check_train_config(recipe.train)  # before scoring the base model, not after
     base = resolve_model(recipe.model.base)
+    train_cfg, fit = settle_memory(recipe.train, base, recipe.prompt.max_length)  # refuses what cannot fit, now
     train, valid = load_split(data, recipe)
     valid = subsample(valid, recipe.train.max_valid_rows, recipe.data.seed)
     with stage_run(recipe, "finetune") as run:
+        if fit is not None:
+            print(f"finetune: gradient_checkpointing=auto -> {fit.reason}")
+            mlflow.set_tag("memory_plan", f"{fit.reason}; tried: {'; '.join(fit.tried)}")
+            mlflow.log_params({"fitted.batch_size": train_cfg.batch_size, "fitted.gradient_checkpointing":
+                               train_cfg.gradient_checkpointing,
+                               "fitted.gradient_accumulation_steps": train_cfg.gradient_accumulation_steps})
         log_rows_dataset(train, source=data or "recipe split", name=f"{recipe.name}-train", context="training")
         dataset = log_rows_dataset(valid, source=data or "recipe split", name=f"{recipe.name}-valid",
                                    context="validation")
@@ -192,13 +202,15 @@ def finetune(recipe: Recipe, data: str = "") -> str:
         mlflow.log_metrics(references)
         with tempfile.TemporaryDirectory() as tmp:
             train_fn = train_adapter if recipe.train.processes == 1 else launch_training
-            result = train_fn(base, train, valid, recipe.prompt, recipe.train, Path(tmp),
+            result = train_fn(base, train, valid, recipe.prompt, train_cfg, Path(tmp),
                               trust_remote_code=recipe.model.trust_remote_code)
             mlflow.log_artifacts(str(result.adapter_dir), "adapter")
         final = result.kept  # the saved adapter's validation: the last epoch's, or the best with keep_best_epoch
         mlflow.log_metrics({"train_loss": result.train_loss, "train_seconds": result.seconds,
                             "seconds_per_row": result.seconds_per_row, "rows_trained": result.rows_trained,
                             "rows_per_s": 1.0 / result.seconds_per_row if result.seconds_per_row else 0.0,
+                            **result.planned, **({"train_peak_gpu_memory_gib": result.peak_gpu_memory_gib}
+                                                 if result.peak_gpu_memory_gib is not None else {}),
                             **({"log_loss": final["log_loss"], "kept_epoch": final["epoch"] or 0.0,
                                 "log_loss_gain_over_base": zero_shot["log_loss"] - final["log_loss"]} if final else {})})
         print(f"finetune: base zero-shot log_loss={zero_shot['log_loss']:.4f}, finetuned "
@@ -217,17 +229,23 @@ def quantize(recipe: Recipe, adapter: str, data: str = "") -> str:
     train, valid = load_split(data, recipe)
     valid = subsample(valid, recipe.train.max_valid_rows, recipe.data.seed)
     labels = valid["label"].to_numpy()
-    with stage_run(recipe, "quantize") as run, tempfile.TemporaryDirectory() as tmp:
+    with (stage_run(recipe, "quantize") as run, tempfile.TemporaryDirectory() as tmp,
+          KeptEngine(recipe, valid) as engine):
         dataset = log_rows_dataset(valid, source=data or "recipe split", name=f"{recipe.name}-valid",
                                    context="validation")
-        merged = merge_adapter(base, fetch_artifacts(adapter), Path(tmp) / "merged", recipe.quant.merge_dtype,
-                               recipe.quant.merge_base)
+        adapter_dir = fetch_artifacts(adapter)
+        start = time.perf_counter()
+        merged = merge_adapter(base, adapter_dir, Path(tmp) / "merged", recipe.quant.merge_dtype, recipe.quant.merge_base)
+        mlflow.log_metric("merge_seconds", time.perf_counter() - start)
         calibration_builder = PromptBuilder(load_tokenizer(merged),
                                             dataclasses.replace(recipe.prompt, max_length=recipe.quant.calibration_max_length))
         calibration = calibration_builder.build_rows(subsample(train, recipe.quant.calibration_rows, recipe.data.seed))
         chosen = quantize_within_bound(merged, Path(tmp), recipe.quant, calibration,
-                                       score=lambda checkpoint: score_rows(checkpoint, recipe, valid),
-                                       log_loss_of=lambda result: preference_metrics(result.probs, labels)["log_loss"])
+                                       score=engine, release=engine.close, log_loss_of=lambda result: preference_metrics(result.probs, labels)["log_loss"])
+        mlflow.log_metrics(chosen.seconds)
+        for prefix, result in (("merged_", chosen.merged_result), ("", chosen.result)):  # the same rows, same card
+            speed = speed_metrics(len(valid), result.seconds, result.prompt_tokens, result.startup_seconds)
+            mlflow.log_metrics({f"{prefix}{k}": v for k, v in speed.items() if k != "projected_hours_25k_rows"})
         merged_figures = preference_metrics(chosen.merged_result.probs, labels)
         figures = preference_metrics(chosen.result.probs, labels)
         figures.update({f"merged_{k}": v for k, v in merged_figures.items()})
@@ -248,6 +266,7 @@ def quantize(recipe: Recipe, adapter: str, data: str = "") -> str:
         mlflow.log_dict(calibrator.to_dict(), "calibration.json")
         version = registry.register_model(
             chosen.checkpoint, recipe.registry.model_name, recipe, example=valid.head(3), calibrator=calibrator,
+            scorer=engine.lend(chosen.checkpoint),
             tags={"quantization": chosen.scheme, "quantization_choice": chosen.note, "quant_method": recipe.quant.method,
                   "group_size": str(recipe.quant.group_size), "base_model": recipe.model.base,
                   "recipe": recipe.name, "adapter": adapter, "calibration": calibrator.method},
@@ -273,13 +292,14 @@ def project_root() -> Path:
 
 
 def _finished_run(entry_point: str, parameters: dict, git_commit: str, experiment_id: str):
-    """A FINISHED run of this entry point with the same parameters and code version, if any."""
+    """A FINISHED run of this entry point with the same parameters and code version, if any. MLflow logs
+    a project run's parameter as the shell word it passed (an empty one as `''`)."""
     runs = mlflow.MlflowClient().search_runs(
         [experiment_id], filter_string=f"tags.`mlflow.project.entryPoint` = '{entry_point}'",
         order_by=["attributes.start_time DESC"])
     for run in runs:
         if (run.info.status == "FINISHED" and run.data.tags.get("mlflow.source.git.commit") == git_commit
-                and all(run.data.params.get(k) == str(v) for k, v in parameters.items())):
+                and all(run.data.params.get(k) in (str(v), shlex.quote(str(v))) for k, v in parameters.items())):
             return run
     return None
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from arenaflow.hardware import free_gpu_memory
 from arenaflow.models import publish_dir, save_checkpoint, temp_dir_beside
 from arenaflow.recipe import QuantConfig
 
@@ -104,7 +106,11 @@ def merge_adapter(base: Path, adapter: Path, out: Path, dtype: str = "float32", 
     else:
         raise QuantizeError(f"adapter task_type {task!r} is not supported (CAUSAL_LM or SEQ_CLS)")
     model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    return save_checkpoint(model, tokenizer, out, replace=True)
+    try:
+        return save_checkpoint(model, tokenizer, out, replace=True)
+    finally:
+        del model
+        free_gpu_memory()  # the NF4 round trip ran on the GPU: free it before an engine starts
 
 
 @contextlib.contextmanager
@@ -266,9 +272,16 @@ def quantize_checkpoint(src: Path, out: Path, config: QuantConfig, calibration: 
             dataset=dataset, num_calibration_samples=len(dataset), shuffle_calibration_samples=False,
             max_seq_length=max(len(ids) for ids in dataset["input_ids"]), batch_size=1,
         )
-    with cpu_pin_memory_patch(), _one_process_is_not_distributed():
-        oneshot(model=model, tokenizer=tokenizer, recipe=recipe, **kwargs)
-    return save_checkpoint(model, tokenizer, out, replace=True, save_compressed=True)
+    from llmcompressor.core import active_session
+
+    try:
+        with cpu_pin_memory_patch(), _one_process_is_not_distributed():
+            oneshot(model=model, tokenizer=tokenizer, recipe=recipe, **kwargs)
+        return save_checkpoint(model, tokenizer, out, replace=True, save_compressed=True)
+    finally:
+        active_session().reset()  # the session holds the model and its modifiers' state
+        del model
+        free_gpu_memory()  # AWQ's onloaded layers and cached activations, before an engine starts
 
 
 def checkpoint_size_bytes(path: Path) -> int:
@@ -286,28 +299,34 @@ class Chosen:
     result: object  # what `score` returned for it
     merged_result: object  # what `score` returned for the merged checkpoint
     note: str  # why this one: every scheme tried, with its log-loss change
+    seconds: dict = dataclasses.field(default_factory=dict)  # quantize_seconds.<scheme>: wall time of each quantization
 
 
 def quantize_within_bound(merged: Path, out_dir: Path, config: QuantConfig, calibration: list[list[int]],
-                          score: Callable[[Path], object], log_loss_of: Callable[[object], float]) -> Chosen:
+                          score: Callable[[Path], object], log_loss_of: Callable[[object], float],
+                          release: Callable[[], None] = lambda: None) -> Chosen:
     """`config.scheme`, then each of `config.fallback_schemes`, until one's log-loss change against the
     merged checkpoint (on the validation rows `score` scores: never the AWQ calibration rows, which come
     from train) is within `config.max_log_loss_delta`; past the last, the merged checkpoint (scheme none).
-    Each scheme is quantized before any scoring engine runs in this process (AWQ first, as before)."""
-    tried, merged_result = [], None
+    Each scheme is quantized before any scoring engine runs in this process (AWQ first, as before);
+    `release()` stops an engine `score` kept open before the next quantization needs the GPU."""
+    tried, merged_result, seconds = [], None, {}
     bound = config.max_log_loss_delta
     for scheme in dict.fromkeys((config.scheme, *config.fallback_schemes)):
         if scheme == "none":
             break
+        release()
+        start = time.perf_counter()
         checkpoint = quantize_checkpoint(merged, out_dir / scheme, dataclasses.replace(config, scheme=scheme), calibration)
+        seconds[f"quantize_seconds.{scheme}"] = time.perf_counter() - start
         merged_result = merged_result or score(merged)
         result = score(checkpoint)
         delta = log_loss_of(result) - log_loss_of(merged_result)
         if bound is None or delta <= bound:
             within = f", within {bound:g}" if bound is not None else ""
             return Chosen(checkpoint, scheme, result, merged_result,
-                          "; ".join([*tried, f"{scheme}: log_loss {delta:+.4f} vs merged{within}"]))
+                          "; ".join([*tried, f"{scheme}: log_loss {delta:+.4f} vs merged{within}"]), seconds)
         tried.append(f"{scheme}: log_loss {delta:+.4f} vs merged, over quant.max_log_loss_delta={bound:g}")
     merged_result = merged_result or score(merged)
     return Chosen(merged, "none", merged_result, merged_result,
-                  "; ".join([*tried, "the merged checkpoint, unquantized"]))
+                  "; ".join([*tried, "the merged checkpoint, unquantized"]), seconds)
