@@ -298,7 +298,7 @@ def _finished_run(entry_point: str, parameters: dict, git_commit: str, experimen
         [experiment_id], filter_string=f"tags.`mlflow.project.entryPoint` = '{entry_point}'",
         order_by=["attributes.start_time DESC"])
     for run in runs:
-        if (run.info.status == "FINISHED" and run.data.tags.get("mlflow.source.git.commit") == git_commit
+        if (run.info.status == "FINISHED" and run.data.tags.get("git_commit") == git_commit
                 and all(run.data.params.get(k) in (str(v), shlex.quote(str(v))) for k, v in parameters.items())):
             return run
     return None
