@@ -173,27 +173,6 @@ def test_finetune_then_quantize_registers_a_tagged_version(store, recipe, tmp_pa
     assert config["quantization_config"]["format"] == "pack-quantized"
 
 
-def test_main_reuses_only_finished_runs_with_same_params_and_commit(store):
-    client = MlflowClient()
-    experiment = client.create_experiment("reuse")
-
-    def run(params, commit="abc", status="FINISHED"):
-        created = client.create_run(experiment, tags={"mlflow.project.entryPoint": "datagen",
-                                                      "mlflow.source.git.commit": commit})
-        for key, value in params.items():
-            client.log_param(created.info.run_id, key, value)
-        client.set_terminated(created.info.run_id, status=status)
-        return created.info.run_id
-
-    wanted = {"recipe": "experiments/cpu-smollm2.yaml", "overrides": ""}
-    run(wanted, commit="old")
-    run(wanted, status="FAILED")
-    run({**wanted, "overrides": "train.epochs=2"})
-    assert pipeline._finished_run("datagen", wanted, "abc", experiment) is None
-    same = run(wanted)
-    assert pipeline._finished_run("datagen", wanted, "abc", experiment).info.run_id == same
-
-
 def test_evaluate_scores_every_row_of_an_explicit_file(store, recipe, tmp_path, tiny_checkpoint):
     """train.max_valid_rows (16 here) caps the recipe's own split, never a file the user names."""
     frame = pd.read_csv(PANDALM, dtype=str, keep_default_na=False).head(30)

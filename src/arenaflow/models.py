@@ -211,6 +211,48 @@ def build_architecture(arch: str) -> Path:
                               max_position_embeddings=8192, rope_theta=500000.0)
 
 
+def content_digest(folder: Path) -> str:
+    """sha256 over a checkpoint folder's files (names and bytes, in name order)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(folder)).encode())
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dense_checkpoint(checkpoint: Path) -> Path:
+    """A checkpoint training can start from: itself, or for a compressed-tensors one (a registered W4A16 /
+    W8A16 version) its weights dequantized into a plain checkpoint of the same architecture, cached by the
+    content of the quantized folder (the int rounding stays in the weights: that is the model registered)."""
+    import torch
+
+    config = read_config(checkpoint)
+    if not compressed_weights(config):
+        return checkpoint
+    out = cache_dir() / "models" / f"dense-{content_digest(checkpoint)[:16]}"
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    dtype = getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float32")
+    loaded = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype,
+                                                  quantization_config=CompressedTensorsConfig(dequantize=True))
+    plain = AutoConfig.from_pretrained(checkpoint)
+    del plain.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(plain, dtype=dtype)
+    wanted = model.state_dict().keys()  # the dense weights; the scales and shapes of the int weights are dropped
+    model.load_state_dict({k: v for k, v in loaded.state_dict().items() if k in wanted}, strict=True, assign=True)
+    model.tie_weights()
+    del loaded
+    return save_checkpoint(model, AutoTokenizer.from_pretrained(checkpoint), out)
+
+
 def resolve_model(reference: str) -> Path:
     """Turn a model reference (see module doc) into a local checkpoint directory."""
     if not reference:

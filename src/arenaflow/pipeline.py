@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import shlex
+import json
 import shutil
 import tempfile
 import time
@@ -19,19 +19,27 @@ from .calibration import Calibrator, cross_fit
 from .data import evaluation_rows, fetch_artifacts, load_split, log_rows_dataset, recipe_split, subsample
 from .datagen.stage import generate_dataset
 from .metrics import ROWS_KAGGLE_TEST, preference_metrics, reference_log_losses, save_plots, speed_metrics
-from .models import load_tokenizer, resolve_model
+from .models import dense_checkpoint, load_tokenizer
 from .plan import plan_stage, planned_speed
 from .prompts import PromptBuilder
 from .quantize import check_config as check_quant_config
 from .quantize import checkpoint_size_bytes, merge_adapter, quantize_within_bound
 from .recipe import Recipe
 from .registry import resolve_model_ref
-from .scoring import KeptEngine, ShardPredictor, open_scorer, predict, predict_in_shards, score_rows
-from .tracking import checkpoint_precision, git_commit, stage_run
+from .scoring import ShardPredictor, open_scorer, predict, predict_in_shards, score_rows
+from .step_identity import changed, code_version, step_inputs, step_key
+from .tracking import checkpoint_precision, stage_run
 from .train import check_config as check_train_config
 from .train import finetune as train_adapter
 from .train import settle_memory
 from .train_launch import launch as launch_training
+
+
+def training_base(recipe: Recipe) -> Path:
+    """`model.base` as finetune and quantize start from it: any model reference (a path, hub id, gguf:,
+    tiny:, random:, runs:/, models:/name/version or models:/name@alias), a registered quantized version
+    dequantized (models.dense_checkpoint)."""
+    return dense_checkpoint(resolve_model_ref(recipe.model.base, recipe).checkpoint)
 
 
 def datagen(recipe: Recipe, input: str = "", prompts_file: str = "") -> str:
@@ -178,7 +186,7 @@ def finetune(recipe: Recipe, data: str = "") -> str:
     """QLoRA/LoRA on the answer token; logs the base model's zero-shot and the finetuned validation
     log_loss on the same rows, and the adapter under the run's `adapter/` artifacts."""
     check_train_config(recipe.train)  # before scoring the base model, not after
-    base = resolve_model(recipe.model.base)
+    base = training_base(recipe)
     train_cfg, fit = settle_memory(recipe.train, base, recipe.prompt.max_length)  # refuses what cannot fit, now
     train, valid = load_split(data, recipe)
     valid = subsample(valid, recipe.train.max_valid_rows, recipe.data.seed)
@@ -225,12 +233,11 @@ def quantize(recipe: Recipe, adapter: str, data: str = "") -> str:
     rows (its figure cross-fitted), register the result as a new version (an MLflow Model whose metrics
     are those figures on the valid dataset). Returns the version."""
     check_quant_config(recipe.quant)  # before merging, not after
-    base = resolve_model(recipe.model.base)
+    base = training_base(recipe)
     train, valid = load_split(data, recipe)
     valid = subsample(valid, recipe.train.max_valid_rows, recipe.data.seed)
     labels = valid["label"].to_numpy()
-    with (stage_run(recipe, "quantize") as run, tempfile.TemporaryDirectory() as tmp,
-          KeptEngine(recipe, valid) as engine):
+    with stage_run(recipe, "quantize") as run, tempfile.TemporaryDirectory() as tmp:
         dataset = log_rows_dataset(valid, source=data or "recipe split", name=f"{recipe.name}-valid",
                                    context="validation")
         adapter_dir = fetch_artifacts(adapter)
@@ -241,7 +248,7 @@ def quantize(recipe: Recipe, adapter: str, data: str = "") -> str:
                                             dataclasses.replace(recipe.prompt, max_length=recipe.quant.calibration_max_length))
         calibration = calibration_builder.build_rows(subsample(train, recipe.quant.calibration_rows, recipe.data.seed))
         chosen = quantize_within_bound(merged, Path(tmp), recipe.quant, calibration,
-                                       score=engine, release=engine.close, log_loss_of=lambda result: preference_metrics(result.probs, labels)["log_loss"])
+                                       score=lambda checkpoint: score_rows(checkpoint, recipe, valid), log_loss_of=lambda result: preference_metrics(result.probs, labels)["log_loss"])
         mlflow.log_metrics(chosen.seconds)
         for prefix, result in (("merged_", chosen.merged_result), ("", chosen.result)):  # the same rows, same card
             speed = speed_metrics(len(valid), result.seconds, result.prompt_tokens, result.startup_seconds)
@@ -266,7 +273,6 @@ def quantize(recipe: Recipe, adapter: str, data: str = "") -> str:
         mlflow.log_dict(calibrator.to_dict(), "calibration.json")
         version = registry.register_model(
             chosen.checkpoint, recipe.registry.model_name, recipe, example=valid.head(3), calibrator=calibrator,
-            scorer=engine.lend(chosen.checkpoint),
             tags={"quantization": chosen.scheme, "quantization_choice": chosen.note, "quant_method": recipe.quant.method,
                   "group_size": str(recipe.quant.group_size), "base_model": recipe.model.base,
                   "recipe": recipe.name, "adapter": adapter, "calibration": calibrator.method},
@@ -291,50 +297,67 @@ def project_root() -> Path:
     return here if (here / "MLproject").exists() else Path(__file__).resolve().parents[2]
 
 
-def _finished_run(entry_point: str, parameters: dict, git_commit: str, experiment_id: str):
-    """A FINISHED run of this entry point with the same parameters and code version, if any. MLflow logs
-    a project run's parameter as the shell word it passed (an empty one as `''`)."""
-    runs = mlflow.MlflowClient().search_runs(
-        [experiment_id], filter_string=f"tags.`mlflow.project.entryPoint` = '{entry_point}'",
-        order_by=["attributes.start_time DESC"])
-    for run in runs:
-        if (run.info.status == "FINISHED" and run.data.tags.get("git_commit") == git_commit
-                and all(run.data.params.get(k) in (str(v), shlex.quote(str(v))) for k, v in parameters.items())):
-            return run
-    return None
+STEP_KEY_TAG, STEP_INPUTS_TAG = "arenaflow.step_key", "arenaflow.step_inputs"
 
 
-def _step(entry_point: str, parameters: dict, git_commit: str, experiment_id: str):
-    """Reuse a finished run with the same params and commit, else run the entry point as a child run."""
-    found = _finished_run(entry_point, parameters, git_commit, experiment_id)
-    if found is not None:
-        print(f"main: reusing {entry_point} run {found.info.run_id} (same parameters and commit)")
-        mlflow.set_tag(f"step_{entry_point}", f"{found.info.run_id} (reused)")
-        return found
-    print(f"main: running {entry_point} {parameters}")
+def _step(entry_point: str, parameters: dict, inputs: dict[str, str], experiment_id: str):
+    """Reuse a FINISHED run of the entry point whose inputs (step_identity: recipe sections, file contents,
+    upstream steps, code) are the same, else run it as a child run; the decision and why are printed and
+    tagged on the parent (`step_<entry point>`) and the child keeps its inputs for the next `main`."""
+    client = mlflow.MlflowClient()
+    key = step_key(inputs)
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.project.entryPoint` = '{entry_point}'",
+                              order_by=["attributes.start_time DESC"])
+    finished = [r for r in runs if r.info.status == "FINISHED" and STEP_KEY_TAG in r.data.tags]
+    same = next((r for r in finished if r.data.tags[STEP_KEY_TAG] == key), None)
+    if same is not None:
+        print(f"main: reusing {entry_point} run {same.info.run_id} (same inputs, step key {key})")
+        mlflow.set_tag(f"step_{entry_point}", f"{same.info.run_id} reused: same inputs ({key})")
+        return same, key
+    if finished:
+        what = changed(inputs, json.loads(finished[0].data.tags.get(STEP_INPUTS_TAG, "{}")))
+        reason = f"changed since run {finished[0].info.run_id}: {', '.join(what)}"
+    else:
+        reason = "no finished run of it in this experiment"
+    print(f"main: running {entry_point} ({reason})")
     submitted = mlflow.run(str(project_root()), entry_point=entry_point, parameters=parameters,
                            env_manager="local", experiment_id=experiment_id, synchronous=True)
-    mlflow.set_tag(f"step_{entry_point}", submitted.run_id)
-    return mlflow.MlflowClient().get_run(submitted.run_id)
+    client.set_tag(submitted.run_id, STEP_KEY_TAG, key)
+    client.set_tag(submitted.run_id, STEP_INPUTS_TAG, json.dumps(inputs, sort_keys=True))
+    mlflow.set_tag(f"step_{entry_point}", f"{submitted.run_id} ran: {reason}"[:5000])
+    return client.get_run(submitted.run_id), key
 
 
 def main(recipe: Recipe, overrides: list[str] | None = None, infer_input: str = "data/sample_test.csv") -> None:
-    """datagen -> finetune -> quantize -> evaluate -> promote -> infer, each a nested MLflow run."""
+    """datagen -> finetune -> quantize -> evaluate -> promote -> infer, each a nested MLflow run; a step
+    whose inputs are unchanged since a finished run of it is reused (`_step`)."""
     common = {"recipe": recipe.path or "", "overrides": " ".join(overrides or [])}
+    root = project_root()
+    files = [root / f for f in [*recipe.data.files, *([recipe.generate.prompts_file] if recipe.generate.prompts_file else [])]]
     with stage_run(recipe, "main") as parent:
-        experiment_id, commit = parent.info.experiment_id, git_commit()
-        datagen_run = _step("datagen", {**common, "input": ""}, commit, experiment_id)
+        experiment_id, code = parent.info.experiment_id, code_version()
+        mlflow.set_tag("code_version", code)
+
+        def step(entry_point: str, parameters: dict, upstream: dict, step_files=()):
+            inputs = step_inputs(entry_point, recipe, upstream=upstream, files=list(step_files), code=code)
+            return _step(entry_point, {**common, **parameters}, inputs, experiment_id)
+
+        teacher = recipe.generate.teacher
+        labels_with_champion = "label" in recipe.generate.modes and teacher.startswith("models:/") and "@" in teacher
+        datagen_run, datagen_key = step("datagen", {"input": ""}, {"teacher": registry.alias_version(
+            *registry.parse_models_uri(teacher)[:2]) or "none"} if labels_with_champion else {}, files)
         data = f"runs:/{datagen_run.info.run_id}/data"
-        finetune_run = _step("finetune", {**common, "data": data}, commit, experiment_id)
-        quantize_run = _step("quantize", {**common, "data": data,
-                                          "adapter": f"runs:/{finetune_run.info.run_id}/adapter"}, commit, experiment_id)
+        finetune_run, finetune_key = step("finetune", {"data": data}, {"datagen": datagen_key})
+        quantize_run, quantize_key = step("quantize", {"data": data, "adapter": f"runs:/{finetune_run.info.run_id}/adapter"},
+                                          {"datagen": datagen_key, "finetune": finetune_key})
         version = quantize_run.data.tags["registered_version"]
         model_uri = f"models:/{recipe.registry.model_name}/{version}"
-        evaluate_run = _step("evaluate", {**common, "input": data, "model": model_uri}, commit, experiment_id)
-        promote_run = _step("promote", {**common, "version": version}, commit, experiment_id)
-        infer_run = _step("infer", {**common, "input": infer_input, "model": "",
-                                    "output": str(Path(tempfile.gettempdir()) / f"arenaflow-main-{parent.info.run_id}.csv")},
-                          commit, experiment_id)
+        evaluate_run, evaluate_key = step("evaluate", {"input": data, "model": model_uri},
+                                          {"datagen": datagen_key, "quantize": quantize_key})
+        promote_run, promote_key = step("promote", {"version": version}, {"evaluate": evaluate_key})
+        output = str(Path(tempfile.gettempdir()) / f"arenaflow-main-{parent.info.run_id}.csv")
+        infer_run, _ = step("infer", {"input": infer_input, "model": "", "output": output}, {"promote": promote_key},
+                            [root / infer_input])
         ft, ev = finetune_run.data.metrics, evaluate_run.data.metrics
         mlflow.log_metrics({
             "base_log_loss": ft["base_log_loss"], "finetuned_log_loss": ft["log_loss"],
@@ -355,6 +378,7 @@ def bench(recipe: Recipe, model: str = "", rows: int = 64, engines: str = "", sy
           train: str | bool = False, variants: str = "", steps: int = 10, warmup_steps: int = 2):
     """Time every scoring engine on one model and one prompt set (see bench.py), or with `train` training
     steps, the project's against plain peft (bench_train.py); one MLflow run."""
+    model = _local_reference(model or recipe.model.base, recipe)
     if str(train).lower() != "true":
         return bench_stage(recipe, model=model, rows=rows, engines=engines, synthetic=synthetic, warmup=warmup)
     from .bench import card_peak_tflops, metric_prefix, synthetic_lengths
@@ -385,4 +409,12 @@ def bench(recipe: Recipe, model: str = "", rows: int = 64, engines: str = "", sy
 
 def plan(recipe: Recipe, rows: int = ROWS_KAGGLE_TEST, gpu: str = "T4", count: int = 2, model: str = ""):
     """Predict whether the recipe fits `count` x `gpu` and how long `rows` rows take (see plan.py)."""
-    return plan_stage(recipe, rows=rows, gpu=gpu, count=count, model=model)
+    return plan_stage(recipe, rows=rows, gpu=gpu, count=count, model=_local_reference(model or recipe.model.base, recipe))
+
+
+def _local_reference(reference: str, recipe: Recipe) -> str:
+    """A registry or run URI as the local checkpoint it resolves to (resolve_model_ref); other references as
+    given, for the library to resolve (models.resolve_model, the same rules) and to name in its reports."""
+    if reference.startswith(("models:/", "runs:/")):
+        return str(resolve_model_ref(reference, recipe).checkpoint)
+    return reference

@@ -303,19 +303,16 @@ class Chosen:
 
 
 def quantize_within_bound(merged: Path, out_dir: Path, config: QuantConfig, calibration: list[list[int]],
-                          score: Callable[[Path], object], log_loss_of: Callable[[object], float],
-                          release: Callable[[], None] = lambda: None) -> Chosen:
+                          score: Callable[[Path], object], log_loss_of: Callable[[object], float]) -> Chosen:
     """`config.scheme`, then each of `config.fallback_schemes`, until one's log-loss change against the
     merged checkpoint (on the validation rows `score` scores: never the AWQ calibration rows, which come
     from train) is within `config.max_log_loss_delta`; past the last, the merged checkpoint (scheme none).
-    Each scheme is quantized before any scoring engine runs in this process (AWQ first, as before);
-    `release()` stops an engine `score` kept open before the next quantization needs the GPU."""
+    Each scheme is quantized before any scoring engine runs in this process (AWQ first, as before)."""
     tried, merged_result, seconds = [], None, {}
     bound = config.max_log_loss_delta
     for scheme in dict.fromkeys((config.scheme, *config.fallback_schemes)):
         if scheme == "none":
             break
-        release()
         start = time.perf_counter()
         checkpoint = quantize_checkpoint(merged, out_dir / scheme, dataclasses.replace(config, scheme=scheme), calibration)
         seconds[f"quantize_seconds.{scheme}"] = time.perf_counter() - start

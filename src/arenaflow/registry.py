@@ -45,12 +45,11 @@ def _missing(exc: MlflowException) -> bool:
 
 
 def register_model(checkpoint: Path, name: str, recipe: Recipe, example: pd.DataFrame, tags: dict,
-                   description: str = "", calibrator=None, scorer: tuple | None = None) -> ModelVersion:
+                   description: str = "", calibrator=None) -> ModelVersion:
     """Log `checkpoint` as the active run's MLflow Model (servable.log_model) and register it as a new
     version of `name`, linked to its LoggedModel (`version.model_id`).
 
-    `scorer`: a (Scorer, PromptBuilder) open on `checkpoint`, which MLflow's input-example check then
-    scores through (servable.log_model). The registered model is created when missing. Tags (quantization, base model...) are stringified and
+    The registered model is created when missing. Tags (quantization, base model...) are stringified and
     set with the version in one call. On failure, the version and (if this call created it) the
     registered model are deleted again; the run keeps its logged model.
     """
@@ -64,7 +63,7 @@ def register_model(checkpoint: Path, name: str, recipe: Recipe, example: pd.Data
         raise RegistryError("register_model needs an active MLflow run (wrap it in mlflow.start_run())")
     run_id = run.info.run_id
     str_tags = {str(k): str(v) for k, v in (tags or {}).items()}
-    info = log_model(checkpoint, recipe, example, calibrator, scorer)
+    info = log_model(checkpoint, recipe, example, calibrator)
 
     client = _client()
     created_model = False

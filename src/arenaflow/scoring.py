@@ -436,40 +436,6 @@ def open_scorer(checkpoint: Path, recipe: Recipe):
     return scorer, builder
 
 
-class KeptEngine:
-    """`score_rows` that keeps the engine of the checkpoint it scored last open until the next call or
-    `close()`, so the caller can score through it again (`lend`: MLflow's check of a logged model's
-    input example) instead of starting the same engine twice. One engine at a time: each call closes
-    the one before, freeing the GPU."""
-
-    def __init__(self, recipe: Recipe, rows):
-        self.recipe, self.rows, self.kept = recipe, rows, None
-
-    def __call__(self, checkpoint: Path) -> ScoreResult:
-        self.close()
-        with keep_torch_threads():
-            scorer, builder = open_scorer(checkpoint, self.recipe)
-            self.kept = (Path(checkpoint), scorer, builder)
-            return predict(scorer, builder, self.rows, self.recipe.engine.swap_tta)
-
-    def lend(self, checkpoint: Path) -> tuple | None:
-        """(Scorer, PromptBuilder) open on `checkpoint`, or None when the engine kept is another's."""
-        if self.kept is None or self.kept[0] != Path(checkpoint):
-            return None
-        return self.kept[1], self.kept[2]
-
-    def close(self) -> None:
-        kept, self.kept = self.kept, None
-        if kept is not None:
-            kept[1].close()
-
-    def __enter__(self) -> KeptEngine:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
 def score_rows(checkpoint: Path, recipe: Recipe, rows) -> ScoreResult:
     """Probabilities for rows with a fresh engine, stopped afterwards (torch's thread count kept)."""
     with keep_torch_threads():

