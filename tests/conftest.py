@@ -12,11 +12,11 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from arenaflow import pipeline, registry, tracking
+from arenaflow.stages import evaluate, promote, registry, runs as tracking
 from arenaflow.data import load_rows
 from arenaflow.models import resolve_model
 from arenaflow.recipe import EngineConfig, load_recipe
-from arenaflow.tracking import stage_run
+from arenaflow.stages.runs import stage_run
 
 # Tests never touch the user's model cache: converted and built checkpoints go to a per-session folder.
 _CACHE = tempfile.mkdtemp(prefix="arenaflow-test-cache-")
@@ -146,6 +146,6 @@ def champion(module_store, tiny_checkpoint):
         rows = load_rows(PANDALM).head(3)
         version = str(registry.register_model(tiny_checkpoint, recipe.registry.model_name, recipe, rows,
                                               tags={"quantization": "none"}).version)
-    pipeline.evaluate(recipe, model=f"models:/{recipe.registry.model_name}/{version}")
-    assert pipeline.promote(recipe, version).promoted
+    evaluate.run(recipe, model=f"models:/{recipe.registry.model_name}/{version}")
+    assert promote.run(recipe, version).promoted
     return version

@@ -16,7 +16,8 @@ import torch
 import yaml
 from datasets import Dataset
 
-from arenaflow import bench_train, cli, pipeline
+from arenaflow import bench_train, cli
+from arenaflow.stages import bench
 from arenaflow.bench_train import (
     BASELINE, PROJECT, TrainBenchError, parse_variant, parse_variants, variant_config,
 )
@@ -163,7 +164,7 @@ def test_train_bench_baseline_and_project_on_the_same_rows(tiny, store, monkeypa
     recipe = load_recipe(CPU_RECIPE, ["train.batch_size=2 train.gradient_accumulation_steps=1 train.lora_dropout=0"])
     variants = (f"{BASELINE},{PROJECT}:gradient_accumulation_steps=2,"
                 "pf=padding_free=true:gradient_checkpointing=true:gradient_accumulation_steps=2")
-    report = pipeline.bench(recipe, model=str(tiny), rows=6, synthetic="24:12-40", train="true", variants=variants,
+    report = bench.run(recipe, model=str(tiny), rows=6, synthetic="24:12-40", train="true", variants=variants,
                             steps=2, warmup_steps=1)
     assert [v.label for v in report.variants] == [BASELINE, PROJECT, "pf"]
     setup_rows = bench_train.synthetic_rows(24, 12, 40, 12, 6, PromptBuilder(load_tokenizer(tiny), recipe.prompt),

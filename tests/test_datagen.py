@@ -14,7 +14,9 @@ import pandas as pd
 import pytest
 from conftest import VLLM_TEST_ENGINE
 
-from arenaflow.datagen import DatagenError, clean, engines, label, respond, stage
+from arenaflow.datagen import DatagenError, clean, engines, label, respond
+from arenaflow.datagen import dataset as stage
+from arenaflow.stages import datagen as datagen_stage
 from arenaflow.data import CANONICAL, SOFT_COLUMNS, read_prepared
 from arenaflow.recipe import DataConfig, GenerateConfig, PromptConfig, Recipe
 
@@ -148,7 +150,7 @@ def test_generate_dataset_end_to_end(tiny_vllm, tiny_checkpoint, small_data, tmp
 
     recipe = tiny_recipe(small_data, tmp_path / "work")
     with mlflow.start_run() as run:  # `store` (conftest): a fresh tracking store, tracking set up
-        ds = stage.generate_dataset(recipe, engines={tiny_checkpoint: tiny_vllm}, progress=False)
+        ds = datagen_stage.generate_dataset(recipe, engines={tiny_checkpoint: tiny_vllm}, progress=False)
     c = ds.counts
     # no champion in this fresh store: the fallback teacher, with the reason
     assert ds.teacher.uri == "tiny:llama" and "arenaflow@champion" in ds.teacher.fallback_reason
@@ -219,7 +221,7 @@ def test_distill_datagen_labels_with_a_w8a16_champion(tiny_vllm, tiny_checkpoint
     from arenaflow import registry
     from arenaflow.quantize import quantize_checkpoint
     from arenaflow.recipe import QuantConfig, load_recipe
-    from arenaflow.tracking import stage_run
+    from arenaflow.stages.runs import stage_run
 
     w8 = quantize_checkpoint(tiny_checkpoint, tmp_path / "w8a16", QuantConfig(scheme="W8A16", method="rtn", group_size=64))
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "experiments" / "cpu-smollm2-distill.yaml", [
@@ -233,7 +235,7 @@ def test_distill_datagen_labels_with_a_w8a16_champion(tiny_vllm, tiny_checkpoint
         version = str(registry.register_model(w8, "arenaflow", recipe, example, tags={"quantization": "W8A16"}).version)
     MlflowClient().set_registered_model_alias("arenaflow", "champion", version)
     with mlflow.start_run() as run:
-        ds = stage.generate_dataset(recipe, engines={tiny_checkpoint: tiny_vllm}, progress=False)
+        ds = datagen_stage.generate_dataset(recipe, engines={tiny_checkpoint: tiny_vllm}, progress=False)
     assert ds.teacher.version == version and ds.teacher.fallback_reason is None
     assert "8]-bit weights" in mlflow.get_run(run.info.run_id).data.tags["engine_fallback"]
     assert ds.counts["rows_labelled"] > 0

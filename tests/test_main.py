@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 
 from conftest import MTBENCH, RECIPE, TINY
 
-from arenaflow import pipeline
+from arenaflow.stages import main
 from arenaflow.recipe import load_recipe
 from arenaflow.step_identity import code_version, step_inputs, step_key
 
@@ -18,7 +18,7 @@ STEPS = ("datagen", "finetune", "quantize", "evaluate", "promote", "infer")
 
 
 def _main(overrides, capsys) -> tuple[str, dict]:
-    pipeline.main(load_recipe(RECIPE, overrides), overrides)
+    main.run(load_recipe(RECIPE, overrides), overrides)
     out = capsys.readouterr().out
     (parent,) = MlflowClient().search_runs(
         [e.experiment_id for e in MlflowClient().search_experiments()], "tags.stage = 'main'",

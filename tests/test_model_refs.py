@@ -10,8 +10,8 @@ from mlflow import MlflowClient
 
 from conftest import RECIPE, TINY
 
-from arenaflow import pipeline
-from arenaflow.data import fetch_artifacts
+from arenaflow.stages import finetune, registry
+from arenaflow.stages.datasets import fetch_artifacts
 from arenaflow.models import dense_checkpoint, read_config
 from arenaflow.quantize import quantize_checkpoint
 from arenaflow.recipe import QuantConfig, load_recipe
@@ -40,7 +40,7 @@ def test_finetune_starts_from_a_registered_version(champion, reference):
     ref = reference.format(version=champion)
     recipe = load_recipe(RECIPE, TINY + [f"model.base={ref}", "train.max_train_rows=4", "train.batch_size=2",
                                          "train.gradient_accumulation_steps=1", "train.load_in_4bit=false"])
-    assert pipeline.training_base(recipe).parent.name == "artifacts"  # the version's downloaded checkpoint
-    run = MlflowClient().get_run(pipeline.finetune(recipe))
+    assert registry.training_base(recipe).parent.name == "artifacts"  # the version's downloaded checkpoint
+    run = MlflowClient().get_run(finetune.run(recipe))
     trained = json.loads((fetch_artifacts(f"runs:/{run.info.run_id}/adapter") / "arenaflow_train.json").read_text())
     assert "/artifacts/checkpoint" in trained["base_checkpoint"] and run.data.metrics["rows_trained"] == 4

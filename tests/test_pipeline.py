@@ -13,9 +13,10 @@ from mlflow import MlflowClient
 
 from conftest import MTBENCH, PANDALM, RECIPE, ROOT, TINY
 
-from arenaflow import cli, pipeline, registry
+from arenaflow import cli
+from arenaflow.stages import evaluate, finetune, infer, quantize, registry
 from arenaflow.recipe import load_recipe
-from arenaflow.data import fetch_artifacts
+from arenaflow.stages.datasets import fetch_artifacts
 
 @pytest.fixture
 def recipe():
@@ -44,7 +45,7 @@ def test_datagen_logs_datasets_and_keeps_every_row(store):
 
 
 def test_stages_read_a_datagen_output(store, recipe):
-    figures = pipeline.evaluate(recipe, input=f"runs:/{run_datagen()}/data", model="tiny:llama")
+    figures = evaluate.run(recipe, input=f"runs:/{run_datagen()}/data", model="tiny:llama")
     assert figures["rows"] == 16
 
 
@@ -88,8 +89,8 @@ def test_evaluate_logs_figures_on_the_version_model_and_dataset(champion, recipe
 
 
 def test_evaluate_with_swap_tta_also_reports_the_one_order_figure(store, tiny_checkpoint):
-    plain = pipeline.evaluate(load_recipe(RECIPE, TINY), model=str(tiny_checkpoint))
-    tta = pipeline.evaluate(load_recipe(RECIPE, [*TINY, "engine.swap_tta=true"]), model=str(tiny_checkpoint))
+    plain = evaluate.run(load_recipe(RECIPE, TINY), model=str(tiny_checkpoint))
+    tta = evaluate.run(load_recipe(RECIPE, [*TINY, "engine.swap_tta=true"]), model=str(tiny_checkpoint))
     assert "log_loss_without_tta" not in plain
     assert tta["log_loss_without_tta"] == pytest.approx(plain["log_loss"], abs=1e-9)
     assert tta["log_loss"] != pytest.approx(plain["log_loss"], abs=1e-6)  # the swapped order was averaged in
@@ -106,7 +107,7 @@ def kaggle_test_file(tmp_path: Path, n: int = 20) -> Path:
 
 def test_infer_writes_a_valid_submission_in_input_order(champion, recipe, tmp_path):
     test = kaggle_test_file(tmp_path)
-    out = pipeline.infer(recipe, str(test), str(tmp_path / "submission.csv"))
+    out = infer.run(recipe, str(test), str(tmp_path / "submission.csv"))
     submission = pd.read_csv(out, dtype={"id": str})
     assert list(submission.columns) == ["id", "winner_model_a", "winner_model_b", "winner_tie"]
     assert list(submission["id"]) == list(pd.read_csv(test, dtype=str)["id"])
@@ -119,9 +120,9 @@ def test_infer_writes_a_valid_submission_in_input_order(champion, recipe, tmp_pa
 
 def test_killed_infer_resumes_to_the_identical_file(champion, recipe, tmp_path, monkeypatch):
     test = kaggle_test_file(tmp_path, n=30)  # 4 shards of 8 rows
-    clean = pipeline.infer(recipe, str(test), str(tmp_path / "clean.csv")).read_bytes()
+    clean = infer.run(recipe, str(test), str(tmp_path / "clean.csv")).read_bytes()
 
-    real_predict, calls = pipeline.predict, []
+    real_predict, calls = infer.predict, []
 
     def dies_on_third_shard(*args, **kwargs):
         calls.append(1)
@@ -129,12 +130,12 @@ def test_killed_infer_resumes_to_the_identical_file(champion, recipe, tmp_path, 
             raise KeyboardInterrupt("killed")
         return real_predict(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "predict", dies_on_third_shard)
+    monkeypatch.setattr(infer, "predict", dies_on_third_shard)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.infer(recipe, str(test), str(tmp_path / "resumed.csv"))
+        infer.run(recipe, str(test), str(tmp_path / "resumed.csv"))
     assert len(list((tmp_path / "resumed.csv.shards").rglob("shard_*.json"))) == 2
-    monkeypatch.setattr(pipeline, "predict", real_predict)
-    resumed = pipeline.infer(recipe, str(test), str(tmp_path / "resumed.csv"))
+    monkeypatch.setattr(infer, "predict", real_predict)
+    resumed = infer.run(recipe, str(test), str(tmp_path / "resumed.csv"))
     assert resumed.read_bytes() == clean
     last = MlflowClient().search_runs([mlflow.get_experiment_by_name(recipe.name).experiment_id],
                                       filter_string="tags.stage = 'infer'", order_by=["attributes.start_time DESC"])[0]
@@ -146,18 +147,19 @@ def test_finetune_then_quantize_registers_a_tagged_version(store, recipe, tmp_pa
                         TINY + ["train.max_train_rows=8", "train.batch_size=4", "train.gradient_accumulation_steps=1",
                                 "quant.method=rtn", "quant.scheme=W4A16", "quant.group_size=32", "train.load_in_4bit=false",
                                 "engine.swap_tta=true", "quant.max_log_loss_delta=null", "calibration.method=vector"])
-    real_score_rows, tta_per_call = pipeline.score_rows, []
+    real_score_rows, tta_per_call = quantize.score_rows, []
 
     def recording_score_rows(checkpoint, recipe, rows):
         tta_per_call.append(recipe.engine.swap_tta)
         return real_score_rows(checkpoint, recipe, rows)
 
-    monkeypatch.setattr(pipeline, "score_rows", recording_score_rows)
-    finetune_run = pipeline.finetune(small)
+    for stage in (finetune, quantize):  # both score with it
+        monkeypatch.setattr(stage, "score_rows", recording_score_rows)
+    finetune_run = finetune.run(small)
     metrics = MlflowClient().get_run(finetune_run).data.metrics
     assert {"base_log_loss", "log_loss", "train_loss", "length_baseline_log_loss", "class_prior_log_loss"} <= set(metrics)
     assert tta_per_call == [False]  # zero-shot in one A/B order, like the finetuned validation figure
-    version = pipeline.quantize(small, adapter=f"runs:/{finetune_run}/adapter")
+    version = quantize.run(small, adapter=f"runs:/{finetune_run}/adapter")
     assert tta_per_call == [False, True, True]  # merged and quantized: both with the recipe's TTA
     mv = MlflowClient().get_model_version(small.registry.model_name, version)
     assert mv.tags["quantization"] == "W4A16" and "Valid log_loss" in mv.description
@@ -177,6 +179,6 @@ def test_evaluate_scores_every_row_of_an_explicit_file(store, recipe, tmp_path, 
     """train.max_valid_rows (16 here) caps the recipe's own split, never a file the user names."""
     frame = pd.read_csv(PANDALM, dtype=str, keep_default_na=False).head(30)
     frame.to_csv(tmp_path / "labelled.csv", index=False)
-    figures = pipeline.evaluate(recipe, input=str(tmp_path / "labelled.csv"), model=str(tiny_checkpoint))
+    figures = evaluate.run(recipe, input=str(tmp_path / "labelled.csv"), model=str(tiny_checkpoint))
     assert figures["rows"] == 30
-    assert pipeline.evaluate(recipe, model=str(tiny_checkpoint))["rows"] == 16
+    assert evaluate.run(recipe, model=str(tiny_checkpoint))["rows"] == 16

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from arenaflow import backends, hardware
+from arenaflow import hardware
+from arenaflow.scoring import engines as backends
 from arenaflow.plan import ARCHITECTURES, model_dims, plan_stage
 from arenaflow.plan_stages import GIB, fit_training, padded_tokens, quantize_plan, train_memory, train_seconds
 from arenaflow.recipe import EngineConfig, RecipeError, TrainConfig, load_recipe
@@ -92,7 +93,7 @@ def test_gradient_checkpointing_takes_true_false_or_auto_only():
 
 
 def test_settle_memory_turns_auto_off_on_cpu(tiny_checkpoint):
-    from arenaflow.train import settle_memory
+    from arenaflow.train_fit import settle_memory
 
     cfg, fit = settle_memory(TrainConfig(gradient_checkpointing="auto", batch_size=4), tiny_checkpoint, 128)
     assert cfg.gradient_checkpointing is False and cfg.batch_size == 4 and fit is None

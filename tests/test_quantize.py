@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 pytest.importorskip("llmcompressor")
 
-from arenaflow.backends import label_probabilities  # noqa: E402
+from arenaflow.scoring.engines import label_probabilities  # noqa: E402
 from arenaflow.models import label_token_ids  # noqa: E402
 from arenaflow.quantize import (  # noqa: E402
     QuantizeError,
@@ -21,7 +21,7 @@ from arenaflow.quantize import (  # noqa: E402
     quantize_within_bound,
 )
 from arenaflow.recipe import QuantConfig  # noqa: E402
-from arenaflow.tracking import checkpoint_precision  # noqa: E402
+from arenaflow.stages.runs import checkpoint_precision  # noqa: E402
 
 TEXTS = [
     "Which answer is better? Answer A, B or tie.",

@@ -1,4 +1,4 @@
-"""Scoring on Ray (`engine.executor: ray`, ray_scoring.py) on a local Ray instance with 2 CPU actors:
+"""Scoring on Ray (`engine.executor: ray`, scoring/ray_actors.py) on a local Ray instance with 2 CPU actors:
 the same probabilities as the in-process engine, every row once and in input order, a dead actor
 replaced and its batch retried, a run that cannot go on stopped with a clear error, infer resumable.
 
@@ -20,11 +20,11 @@ import pandas as pd
 import pytest
 from conftest import PANDALM, RECIPE, TINY, VLLM_TEST_ENGINE
 
-from arenaflow.backends import ScoringError
+from arenaflow.scoring.engines import ScoringError
 from arenaflow.data import load_rows
 from arenaflow.models import load_tokenizer
 from arenaflow.prompts import PromptBuilder
-from arenaflow.ray_scoring import RETRIES, RayScorer, RowGather, actor_plan
+from arenaflow.scoring.ray_actors import RETRIES, RayScorer, RowGather, actor_plan
 from arenaflow.recipe import EngineConfig, PromptConfig, load_recipe
 from arenaflow.scoring import Scorer, ShardPredictor, predict
 from arenaflow.shards import run_shards
@@ -42,7 +42,7 @@ def ray_local():
     """A local Ray instance (RAY_ADDRESS unset), shut down after this module."""
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("RAY_ADDRESS", raising=False)
-        from arenaflow.ray_scoring import connect
+        from arenaflow.scoring.ray_actors import connect
 
         ray = connect()
         assert ray.cluster_resources().get("CPU", 0) >= 2
@@ -64,7 +64,7 @@ def rows():
 # --- no Ray needed -----------------------------------------------------------------------------------
 
 def test_ray_is_imported_only_when_asked():
-    code = ("import sys; import arenaflow.pipeline, arenaflow.scoring, arenaflow.ray_scoring; "
+    code = ("import sys; import arenaflow.stages.main, arenaflow.scoring, arenaflow.scoring.ray_actors; "
             "assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
@@ -207,13 +207,13 @@ def test_shards_resume_and_match_the_in_process_engine(ray_local, tiny_checkpoin
 
 
 def test_infer_on_ray_writes_the_same_submission(ray_local, store, tmp_path):
-    from arenaflow import pipeline
+    from arenaflow.stages import infer
 
     pd.read_csv(PANDALM, dtype=str, keep_default_na=False).head(20).to_csv(tmp_path / "test.csv", index=False)
     local = load_recipe(RECIPE, TINY)
-    pipeline.infer(local, str(tmp_path / "test.csv"), str(tmp_path / "local.csv"), model="tiny:llama")
+    infer.run(local, str(tmp_path / "test.csv"), str(tmp_path / "local.csv"), model="tiny:llama")
     ray_recipe = load_recipe(RECIPE, TINY + ["engine.executor=ray", "engine.ray_actors=2", "engine.ray_batch_rows=6"])
-    pipeline.infer(ray_recipe, str(tmp_path / "test.csv"), str(tmp_path / "ray.csv"), model="tiny:llama")
+    infer.run(ray_recipe, str(tmp_path / "test.csv"), str(tmp_path / "ray.csv"), model="tiny:llama")
     expected, got = pd.read_csv(tmp_path / "local.csv"), pd.read_csv(tmp_path / "ray.csv")
     assert list(got["id"]) == list(expected["id"])
     np.testing.assert_allclose(got.iloc[:, 1:].to_numpy(), expected.iloc[:, 1:].to_numpy(), atol=TOL)
@@ -225,7 +225,7 @@ def _llm_kwargs(monkeypatch, checkpoint, **engine) -> dict:
     """The kwargs `LLM(...)` gets from the vLLM backend (a stand-in vllm module records them)."""
     import types
 
-    from arenaflow.backends import _VllmEngine
+    from arenaflow.scoring.engines import VllmEngine
 
     seen = {}
 
@@ -237,8 +237,8 @@ def _llm_kwargs(monkeypatch, checkpoint, **engine) -> dict:
     fake = types.ModuleType("vllm")
     fake.LLM, fake.SamplingParams = LLM, lambda **kw: kw
     monkeypatch.setitem(sys.modules, "vllm", fake)
-    monkeypatch.setattr("arenaflow.backends._on_cuda", lambda: True)  # the GPU path; nothing is started
-    _VllmEngine(Path(checkpoint), EngineConfig(**engine), [1, 2, 3], None, 1024, False)
+    monkeypatch.setattr("arenaflow.scoring.engines._on_cuda", lambda: True)  # the GPU path; nothing is started
+    VllmEngine(Path(checkpoint), EngineConfig(**engine), [1, 2, 3], None, 1024, False)
     return seen
 
 

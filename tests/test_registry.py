@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from arenaflow import registry, tracking
+from arenaflow.stages import registry, runs as tracking
 from arenaflow.data import canonicalize
 from arenaflow.recipe import Recipe
-from arenaflow.registry import RegistryError
+from arenaflow.stages.registry import RegistryError
 
 NAME = "arenaflow-test"
 EXAMPLE = canonicalize(pd.DataFrame({"id": ["1"], "prompt": ['["Hi"]'], "response_a": ['["a"]'],

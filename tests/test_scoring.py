@@ -8,6 +8,7 @@ Tolerances (max absolute difference of probabilities, float32 on CPU):
 from __future__ import annotations
 
 import csv
+import functools
 import json
 from pathlib import Path
 
@@ -18,8 +19,9 @@ from conftest import VLLM_TEST_ENGINE
 from arenaflow.models import load_tokenizer
 from arenaflow.prompts import PromptBuilder
 from arenaflow.recipe import EngineConfig, PromptConfig
-from arenaflow.backends import ScoringError, three_token_probs
-from arenaflow.scoring import Scorer, _DataParallel, score, swap_average
+from arenaflow.scoring.engines import ScoringError, three_token_probs
+from arenaflow.scoring import Scorer, score, swap_average
+from arenaflow.scoring.parallel import DataParallel
 
 TINY_TOL = 1e-5
 SMOLLM2_TOL = 3e-5
@@ -153,8 +155,8 @@ def test_prompt_longer_than_max_model_len_is_a_clear_error(tiny_vllm, tiny_trans
 def test_data_parallel_shards_merge_in_input_order(tiny_checkpoint, tiny_prompts, tiny_reference):
     """The data-parallel machinery (spawned ranks, contiguous shards, merge) on CPU with two
     transformers ranks; on GPU the same code gives each rank its own CUDA_VISIBLE_DEVICES."""
-    dp = _DataParallel(tiny_checkpoint, engine("transformers", data_parallel_size=2), ["", ""],
-                       max_model_len=None, trust_remote_code=False)
+    rank = functools.partial(Scorer, str(tiny_checkpoint), engine("transformers"), max_model_len=None)
+    dp = DataParallel(rank, ["", ""])
     try:
         np.testing.assert_allclose(dp(tiny_prompts[:7], progress=False), tiny_reference[:7], atol=TINY_TOL)
         with pytest.raises(ScoringError, match="rank 1 failed during scoring"):

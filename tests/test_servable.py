@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 from conftest import PANDALM, RECIPE, TINY
 
-from arenaflow import pipeline
+from arenaflow.stages import infer
 from arenaflow.recipe import load_recipe
-from arenaflow.ui import free_port, stop_group
+from arenaflow.stages.ui import free_port, stop_group
 
 CHAMPION = "models:/arenaflow@champion"
 
@@ -30,7 +30,7 @@ def kaggle_rows(n: int) -> pd.DataFrame:
 def test_pyfunc_predict_equals_infer(champion, tmp_path):
     rows = kaggle_rows(12)
     rows.to_csv(tmp_path / "test.csv", index=False)
-    submission = pd.read_csv(pipeline.infer(load_recipe(RECIPE, TINY), str(tmp_path / "test.csv"),
+    submission = pd.read_csv(infer.run(load_recipe(RECIPE, TINY), str(tmp_path / "test.csv"),
                                             str(tmp_path / "submission.csv")), dtype={"id": str})
     model = mlflow.pyfunc.load_model(CHAMPION)
     predicted = model.predict(rows)

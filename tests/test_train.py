@@ -16,7 +16,7 @@ from arenaflow.data import load_rows, subsample
 from arenaflow.models import load_tokenizer, resolve_model
 from arenaflow.prompts import PromptBuilder
 from arenaflow.recipe import PromptConfig, TrainConfig
-from arenaflow.backends import label_probabilities
+from arenaflow.scoring.engines import label_probabilities
 from arenaflow.train import (
     IGNORE_INDEX, AnswerCollator, TrainError, answer_token_example, finetune, prepare_training,
     row_targets, three_way_loss,

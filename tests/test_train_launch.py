@@ -7,7 +7,7 @@ import pytest
 from conftest import RECIPE, TINY
 from mlflow import MlflowClient
 
-from arenaflow import pipeline
+from arenaflow.stages import finetune
 from arenaflow.recipe import load_recipe
 
 
@@ -15,7 +15,7 @@ from arenaflow.recipe import load_recipe
 def test_two_processes_train_log_once_and_save_one_adapter(store):
     recipe = load_recipe(RECIPE, TINY + ["train.processes=2", "train.load_in_4bit=false", "train.max_train_rows=16",
                                          "train.batch_size=2", "train.gradient_accumulation_steps=1", "train.epochs=1"])
-    run_id = pipeline.finetune(recipe)
+    run_id = finetune.run(recipe)
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED"  # the worker left the caller's run to the caller
     history = MlflowClient().get_metric_history(run_id, "train_loss")

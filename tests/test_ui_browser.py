@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import pytest
 
-from arenaflow.ui import running_server
+from arenaflow.stages.ui import running_server
 
 pytestmark = pytest.mark.slow  # a real browser over a real MLflow server
 
@@ -48,9 +48,9 @@ def populate_store(tmp_path: Path) -> Store:
     from arenaflow import registry
     from arenaflow.data import load_rows
     from arenaflow.models import build_tiny_llama
-    from arenaflow.pipeline import evaluate, promote
+    from arenaflow.stages import evaluate, promote
     from arenaflow.recipe import load_recipe
-    from arenaflow.tracking import stage_run
+    from arenaflow.stages.runs import stage_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:

@@ -27,7 +27,7 @@ import numpy as np
 
 from .hardware import card_name, free_gpu_memory, gpu_count, measured_matmul_tflops
 from .plan import model_dims
-from .recipe import EngineConfig, Recipe
+from .recipe import EngineConfig
 
 DEFAULT_ENGINES = ("vllm", "vllm-classify", "transformers", "transformers-naive")
 
@@ -50,7 +50,7 @@ def parse_engine_spec(text: str) -> EngineSpec:
     head, *pairs = text.strip().split(":")
     label, _, backend = head.rpartition("=")
     backend = backend.strip()
-    from .backends import BACKENDS
+    from .scoring.engines import BACKENDS
 
     if backend not in BACKENDS:
         raise BenchError(f"engine spec {text!r}: backend {backend!r} not in {list(BACKENDS)}")
@@ -255,69 +255,3 @@ def run_bench(checkpoint: Path, prompts: list[list[int]], specs: list[EngineSpec
             fig.max_prob_diff = float(np.abs(probs[fig.label] - probs[reference]).max())
     return BenchReport(card, model_note or str(checkpoint), params, len(prompts), tokens, peak, matmul, burst,
                        matmul_what, reference, figures, probs)
-
-
-def bench_stage(recipe: Recipe, model: str = "", rows: int = 64, engines: str = "", synthetic: str = "",
-                warmup: int = 8) -> BenchReport:
-    """CLI `arenaflow bench`: one MLflow run, metrics per engine, the table printed and logged."""
-    import tempfile
-
-    import mlflow
-
-    from .data import evaluation_rows, subsample
-    from .models import load_tokenizer, resolve_model
-    from .prompts import PromptBuilder
-    from .tracking import stage_run
-
-    specs = [parse_engine_spec(s) for s in (engines.split(",") if engines.strip() else DEFAULT_ENGINES)]
-    reference = model or recipe.model.base
-    checkpoint, note = resolve_model(reference), reference
-    tokenizer = load_tokenizer(checkpoint, recipe.model.trust_remote_code)
-    builder = PromptBuilder(tokenizer, recipe.prompt)
-    labels = None
-    if synthetic:
-        n, lo, hi = synthetic_lengths(synthetic)
-        prompts = synthetic_prompts(n, lo, hi, len(tokenizer), builder.suffix, seed=1)
-        warm = synthetic_prompts(warmup, lo, hi, len(tokenizer), builder.suffix, seed=2) if warmup else None
-        data_note = f"{n} synthetic prompts of {lo}-{hi} tokens"
-    else:
-        _, valid = evaluation_rows(recipe, "")
-        chosen = subsample(valid, rows, recipe.data.seed)
-        prompts = builder.build_rows(chosen)
-        labels = chosen["label"].to_numpy() if (chosen["label"] >= 0).all() else None
-        others = valid.drop(chosen.index)
-        if warmup and len(others):
-            warm = builder.build_rows(subsample(others, warmup, recipe.data.seed))
-        elif warmup:  # every row is timed: warm up on random prompts of the same lengths instead
-            lengths = sorted(len(p) for p in prompts)
-            warm = synthetic_prompts(warmup, lengths[0], lengths[-1], len(tokenizer), builder.suffix, seed=2)
-        else:
-            warm = None
-        data_note = f"{len(prompts)} real valid rows (prompt builder, max_length {recipe.prompt.max_length})"
-    with stage_run(recipe, "bench", model=reference, precision=recipe.engine.dtype) as run:
-        mlflow.set_tags({"bench_model_note": f"{note}; {data_note}", "bench_engines": ",".join(s.label for s in specs)})
-
-        def log_engine(fig: EngineFigures) -> None:  # as each engine finishes: a killed bench keeps these
-            mlflow.log_metrics(fig.metrics())
-            if fig.error:
-                mlflow.set_tag(f"{metric_prefix(fig.label)}_error", fig.error[:4000])
-
-        report = run_bench(checkpoint, prompts, specs, recipe.engine, warmup_prompts=warm, labels=labels,
-                           max_model_len=recipe.engine.max_model_len, model_note=f"{note}; {data_note}",
-                           trust_remote_code=recipe.model.trust_remote_code, on_engine=log_engine)
-        mlflow.set_tags({"card": report.card, "bench_reference": report.reference})
-        metrics = {"matmul_tflops": report.matmul_tflops, "matmul_burst_tflops": report.matmul_burst_tflops,
-                   "params": float(report.params),
-                   "rows": float(report.rows), "prompt_tokens": float(report.prompt_tokens)}
-        if report.peak_tflops:
-            metrics["peak_tflops"] = report.peak_tflops
-        for fig in report.engines:  # again, now with max_prob_diff against the reference engine
-            metrics.update(fig.metrics())
-        mlflow.log_metrics(metrics)
-        table = report.table()
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "bench.txt").write_text(table + "\n")
-            mlflow.log_artifact(str(Path(tmp) / "bench.txt"))
-        print(table)
-        print(f"(MLflow run {run.info.run_id})")
-        return report

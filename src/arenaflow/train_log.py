@@ -1,13 +1,18 @@
-"""What finetune reports while it trains: the loss curve and per-epoch validation into the caller's
-MLflow run, and (train.keep_best_epoch) the weights of the best validated epoch."""
+"""What finetune reports while it trains: the loss curve and per-epoch validation (to the caller's
+`log_metrics`: the stage logs them into its MLflow run), and (train.keep_best_epoch) the weights of the
+best validated epoch."""
 
 from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from .scoring import label_probabilities
+from .metrics import preference_metrics
 
 logger = logging.getLogger("arenaflow.train")  # the same logger as train.py
 
@@ -16,17 +21,17 @@ class TrainError(ValueError):
     """A training configuration or training table that cannot be used."""
 
 
-def make_log_callback(validate: Callable | None, history: list, valid: list, timing: dict, keep_best: bool):
+def make_log_callback(validate: Callable | None, history: list, valid: list, timing: dict, keep_best: bool,
+                      log_metrics: Callable[[dict, int], None] | None = None):
+    """The Trainer callback that records the loss curve and validates each epoch; `log_metrics(metrics, step)`
+    (the stage's: into its MLflow run) gets both as they come, finite values only."""
     import torch
     from transformers import TrainerCallback
 
     def log_mlflow(metrics: dict, step: int) -> None:
-        mlflow = sys.modules.get("mlflow")  # not imported: the caller cannot have opened a run
-        if mlflow is None or mlflow.active_run() is None:  # the caller owns the run; never start one here
-            return
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        if clean:
-            mlflow.log_metrics(clean, step=step)
+        if clean and log_metrics is not None:
+            log_metrics(clean, step)
 
     class TrainLogCallback(TrainerCallback):
         def __init__(self):
@@ -85,3 +90,28 @@ def make_log_callback(validate: Callable | None, history: list, valid: list, tim
             logger.info("validation at step %d (epoch %.2f): %s", state.global_step, state.epoch or 0, metrics)
 
     return TrainLogCallback()
+
+
+def validation_metrics(probs: np.ndarray, targets: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """log_loss / accuracy on hard-labelled rows (sklearn), soft cross-entropy on soft-labelled ones."""
+    metrics: dict[str, float] = {}
+    hard = np.isin(labels, (0, 1, 2))
+    if hard.any():  # the same figures evaluate reports
+        figures = preference_metrics(probs[hard], labels[hard])
+        metrics.update(log_loss=figures["log_loss"], accuracy=figures["accuracy"])
+    soft = np.isfinite(targets).all(axis=1) & ((targets > 0) & (targets < 1)).any(axis=1)
+    if soft.any():
+        clipped = np.clip(probs[soft], 1e-15, 1.0)
+        metrics["soft_cross_entropy"] = float(-(targets[soft] * np.log(clipped)).sum(axis=1).mean())
+    return metrics
+
+
+def make_validator(valid_ids: list[list[int]], targets: np.ndarray, labels: np.ndarray, label_ids: Sequence[int],
+                   pad_token_id: int, batch_tokens: int) -> Callable:
+    """`validate(model) -> {"log_loss", "accuracy", ...}` on these prompts: the renormalised three
+    label-token probabilities (what every scorer reads), length-sorted batches of `batch_tokens`."""
+    def validate(model):
+        probs = label_probabilities(model, valid_ids, label_ids, pad_token_id, batch_tokens=batch_tokens)
+        return validation_metrics(probs, targets, labels)
+
+    return validate

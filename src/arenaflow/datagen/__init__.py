@@ -1,8 +1,8 @@
-"""Training data generated with an LLM: respond, label, dedup, filter; `stage.generate_dataset` runs them.
+"""Training data generated with an LLM: respond, label, dedup, filter; `dataset.build_dataset` runs them.
 
 Modules: clean (text normalisation, filter, exact and near-duplicates), respond (prompts -> responses
--> unlabelled pairs), label (teacher soft labels), engines (the vLLM engines they share), stage (the
-modes in order, outputs, MLflow logging).
+-> unlabelled pairs), label (teacher soft labels), engines (the vLLM engines they share), dataset (the
+modes in order, metrics and output files; stages/datagen.py logs them to MLflow).
 
 Modes (recipe `generate.modes`, combinable):
   ingest   the recipe's labelled files -> canonical rows (data.py), split by group;

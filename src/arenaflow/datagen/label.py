@@ -57,24 +57,9 @@ class Teacher:
         return f"{self.uri}#v{self.version}" if self.version else f"{self.uri}@{self.checkpoint}"
 
 
-def resolve_teacher(recipe: Recipe) -> Teacher:
-    """`generate.teacher`; when it is `models:/name@alias` and that alias is not registered (no champion
-    yet), `generate.teacher_fallback` instead, with the reason kept. Any other failure is an error."""
-    from .. import registry
-    from ..tracking import setup_tracking, tracking_uri
-
-    g = recipe.generate
-    setup_tracking()
-    reason = None
-    uri = g.teacher
-    if uri.startswith("models:/") and g.teacher_fallback:
-        name, alias, _ = registry.parse_models_uri(uri)
-        if alias and registry.alias_version(name, alias) is None:
-            reason = f"{name}@{alias} is not registered (registry {tracking_uri()})"
-            uri = g.teacher_fallback
-    ref = registry.resolve_model_ref(uri, recipe)
-    return Teacher(uri, ref.checkpoint, ref.version, g.teacher, reason)
-
+def teacher_from(ref, requested: str, fallback_reason: str | None = None) -> Teacher:
+    """The Teacher of a resolved ModelRef (`requested`: the recipe's `generate.teacher`)."""
+    return Teacher(ref.uri, ref.checkpoint, ref.version, requested, fallback_reason)
 
 
 def label_with_teacher(recipe: Recipe, rows: pd.DataFrame, teacher: Teacher, engines: Engines, counts: dict,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -15,6 +15,7 @@ import pandas as pd
 
 from .. import data as data_mod
 from ..data import CANONICAL
+from ..models import ModelRef, local_model_ref
 from ..recipe import Recipe
 from ..shards import digest, run_shards
 from . import DatagenError, GENERATED_SOURCE
@@ -125,7 +126,7 @@ class Variant:
 
     @property
     def name(self) -> str:
-        from ..tracking import model_short_name
+        from ..models import model_short_name
 
         return f"{model_short_name(self.generator)}@t{self.temperature:g}"
 
@@ -158,11 +159,10 @@ def make_pairs(pool: pd.DataFrame, variants: Sequence[Variant], texts: Mapping[V
 
 
 def generate_rows(recipe: Recipe, pool: pd.DataFrame, engines: Engines, counts: dict, speed: dict,
-                  progress: bool = True) -> pd.DataFrame:
-    """respond: every generator x temperature on every prompt of `pool`, in resumable shards -> pairs."""
+                  progress: bool = True, resolve: Callable[[str], ModelRef] = local_model_ref) -> pd.DataFrame:
+    """respond: every generator x temperature on every prompt of `pool`, in resumable shards -> pairs;
+    `resolve(reference)` turns a generator reference into its ModelRef (the stage's reads the registry)."""
     from transformers import AutoTokenizer
-
-    from ..registry import resolve_model_ref
 
     g = recipe.generate
     variants = [Variant(gen, float(t)) for gen in g.generators for t in g.temperatures]
@@ -176,7 +176,7 @@ def generate_rows(recipe: Recipe, pool: pd.DataFrame, engines: Engines, counts: 
     fresh = {"responses": 0, "generated_tokens": 0, "prompt_tokens": 0, "seconds": 0.0}
     resumed = 0
     for generator in g.generators:
-        ref = resolve_model_ref(generator, recipe)
+        ref = resolve(generator)
         tokenizer = AutoTokenizer.from_pretrained(ref.checkpoint, trust_remote_code=recipe.model.trust_remote_code)
         scorer = None
         for variant in (v for v in variants if v.generator == generator):

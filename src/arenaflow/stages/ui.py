@@ -48,7 +48,7 @@ class UIServer:
 
 def default_tracking_uri() -> str:
     """The project's tracking store (tracking.tracking_uri: $MLFLOW_TRACKING_URI, else ./mlflow.db)."""
-    from .tracking import tracking_uri
+    from .runs import tracking_uri
 
     return tracking_uri()
 

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from .data import read_prepared, write_parquet
-from .recipe import PromptConfig, TrainConfig
-from .train import TrainResult, finetune
-from .train_log import TrainError
+from ..data import read_prepared, write_parquet
+from ..recipe import PromptConfig, TrainConfig
+from ..train import TrainResult, finetune
+from ..train_log import TrainError
+from .runs import log_to_run
 
 
 def launch(base_checkpoint: Path, train_rows: pd.DataFrame, valid_rows: pd.DataFrame, prompt_cfg: PromptConfig,
@@ -47,7 +48,7 @@ def launch(base_checkpoint: Path, train_rows: pd.DataFrame, valid_rows: pd.DataF
     run = _active_run_id()
     if run:
         env["MLFLOW_RUN_ID"] = run
-    completed = subprocess.run([*command, "-m", "arenaflow.train_launch", str(job)], env=env)
+    completed = subprocess.run([*command, "-m", "arenaflow.stages.train_launch", str(job)], env=env)
     result_file = job / "result.json"
     if completed.returncode != 0 or not result_file.exists():
         raise TrainError(f"finetune under accelerate launch ({train_cfg.processes} processes) failed with exit "
@@ -81,7 +82,8 @@ def worker(job: Path) -> None:
         result = finetune(Path(spec["base_checkpoint"]), read_prepared(job / "train.parquet"),
                           read_prepared(job / "valid.parquet"), PromptConfig(**spec["prompt"]),
                           TrainConfig(**spec["train"]), Path(spec["out_dir"]),
-                          trust_remote_code=spec["trust_remote_code"])
+                          trust_remote_code=spec["trust_remote_code"],
+                          log_metrics=log_to_run if logging_run is not None else None)
     finally:
         if logging_run is not None:
             import mlflow

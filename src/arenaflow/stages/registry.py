@@ -24,9 +24,9 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
-from .calibration import Calibrator
-from .models import resolve_model
-from .recipe import Recipe
+from ..calibration import Calibrator
+from ..models import ModelRef, dense_checkpoint, resolve_model
+from ..recipe import Recipe
 
 PROMOTION_TAG = "promotion"
 MAKE_ONE_HINT = "run `mlflow run . -e main --env-manager local` (or evaluate + promote) to make one"
@@ -53,7 +53,7 @@ def register_model(checkpoint: Path, name: str, recipe: Recipe, example: pd.Data
     set with the version in one call. On failure, the version and (if this call created it) the
     registered model are deleted again; the run keeps its logged model.
     """
-    from .servable import log_model
+    from ..servable import log_model
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir() or not (checkpoint / "config.json").is_file():
@@ -167,7 +167,7 @@ def resolve_model_uri(uri: str, dst_path: str | Path | None = None) -> Path:
     client = _client()
     target = text
     if text.startswith("runs:/") and "/" not in text[len("runs:/") :].strip("/"):
-        from .servable import MODEL_ARTIFACT
+        from ..servable import MODEL_ARTIFACT
 
         target = f"runs:/{text[len('runs:/') :].strip('/')}/{MODEL_ARTIFACT}"  # a bare run: its model
     if text.startswith("models:/"):
@@ -342,15 +342,6 @@ def promote(
     return decision
 
 
-@dataclass
-class ModelRef:
-    checkpoint: Path  # local checkpoint directory
-    uri: str  # the reference as given (or the recipe's champion URI)
-    registered_name: str | None = None
-    version: str | None = None
-    calibrator: Calibrator = field(default_factory=Calibrator)  # a registered version's; none for a plain checkpoint
-
-
 def stored_calibrator(checkpoint: Path) -> Calibrator:
     """The calibrator in the model config of the MLflow Model a checkpoint was downloaded with (none else)."""
     flavor = _pyfunc_flavor(checkpoint.parent.parent) if checkpoint.parent.name == "artifacts" else None
@@ -369,3 +360,18 @@ def resolve_model_ref(reference: str, recipe: Recipe) -> ModelRef:
         checkpoint = resolve_model_uri(uri)
         return ModelRef(checkpoint, uri, calibrator=stored_calibrator(checkpoint))
     return ModelRef(resolve_model(uri), uri)
+
+
+def training_base(recipe: Recipe) -> Path:
+    """`model.base` as finetune and quantize start from it: any model reference (a path, hub id, gguf:,
+    tiny:, random:, runs:/, models:/name/version or models:/name@alias), a registered quantized version
+    dequantized (models.dense_checkpoint)."""
+    return dense_checkpoint(resolve_model_ref(recipe.model.base, recipe).checkpoint)
+
+
+def local_reference(reference: str, recipe: Recipe) -> str:
+    """A registry or run URI as the local checkpoint it resolves to (resolve_model_ref); other references as
+    given, for the library to resolve (models.resolve_model, the same rules) and to name in its reports."""
+    if reference.startswith(("models:/", "runs:/")):
+        return str(resolve_model_ref(reference, recipe).checkpoint)
+    return reference

@@ -8,9 +8,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .hardware import GpuMemoryPeak
-from .models import compressed_weights, read_config
-from .recipe import Recipe, flatten
+from ..hardware import GpuMemoryPeak
+from ..models import compressed_weights, model_short_name, read_config
+from ..recipe import Recipe, flatten
+from ..scoring import ENGINE_FALLBACKS
 
 
 def tracking_uri() -> str:
@@ -55,17 +56,11 @@ def checkpoint_precision(checkpoint: Path, engine_dtype: str) -> str:
     return engine_dtype if engine_dtype != "auto" else str(config.get("dtype") or config.get("torch_dtype") or "auto")
 
 
-def model_short_name(reference: str) -> str:
-    """`models:/arenaflow/3` -> `arenaflow-v3`; `gguf:smollm2-135m-instruct` -> `smollm2-135m-instruct`."""
-    if reference.startswith("models:/"):
-        return reference.removeprefix("models:/").replace("/", "-v")
-    return reference.removeprefix("gguf:").removeprefix("tiny:").rstrip("/").split("/")[-1]
-
-
 @contextmanager
 def stage_run(recipe: Recipe, stage: str, model: str | None = None, precision: str | None = None):
     """Open (or join, under `mlflow run`) the run of one stage, with params and comparable tags; on
-    success it logs the stage's wall time (`stage_seconds`) and, on GPUs, `peak_gpu_memory_gib`.
+    success it logs the stage's wall time (`stage_seconds`) and, on GPUs, `peak_gpu_memory_gib`; an
+    engine fallback of its scoring is tagged (`engine_fallback`).
 
     Under `mlflow run` the run already exists (MLFLOW_RUN_ID) in the experiment `mlflow run` chose;
     run directly, each recipe gets its own experiment named after it.
@@ -87,9 +82,20 @@ def stage_run(recipe: Recipe, stage: str, model: str | None = None, precision: s
         mlflow.log_params(flatten(recipe))
         if recipe.path:
             mlflow.log_artifact(recipe.path, "recipe")
-        start = time.perf_counter()
-        with GpuMemoryPeak() as memory:
-            yield run
+        start, fallbacks = time.perf_counter(), len(ENGINE_FALLBACKS)
+        try:
+            with GpuMemoryPeak() as memory:
+                yield run
+        finally:
+            if len(ENGINE_FALLBACKS) > fallbacks:  # scoring.engine_for took the transformers engine instead
+                mlflow.set_tag("engine_fallback", "; ".join(dict.fromkeys(ENGINE_FALLBACKS[fallbacks:])))
         mlflow.log_metric("stage_seconds", time.perf_counter() - start)  # wall time of the stage's work
         if memory.peak_gib is not None:
             mlflow.log_metric("peak_gpu_memory_gib", memory.peak_gib)
+
+
+def log_to_run(metrics: dict, step: int) -> None:
+    """The loss curve and validation figures, as training reports them, into the active MLflow run."""
+    import mlflow
+
+    mlflow.log_metrics(metrics, step=step)

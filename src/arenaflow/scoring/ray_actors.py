@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import ScoringError
-from .recipe import EngineConfig
+from .engines import ScoringError
+from ..recipe import EngineConfig
 
 RETRIES = 3  # restarts of a dead actor, and retries of the batch it held
 # Environment the actors get from the driver (a worker on another node starts with its own `ray start`

@@ -1,11 +1,12 @@
-"""The datagen stage: every mode of `generate.modes` in order -> train/valid rows; outputs and MLflow logging."""
+"""Every mode of `generate.modes` in order -> train/valid rows (`build_dataset`), their metrics and output files;
+stages/datagen.py runs it in an MLflow run."""
 
 from __future__ import annotations
 
 import html
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,11 +15,12 @@ import pandas as pd
 
 from .. import data as data_mod
 from ..data import CANONICAL, SOFT_COLUMNS, TEXT_COLUMNS
+from ..models import ModelRef, local_model_ref
 from ..recipe import Recipe
 from . import MODES, DatagenError
 from .clean import FilterBounds, dedup_rows, filter_rows, row_text
 from .engines import Engines
-from .label import Teacher, apply_teacher, label_with_teacher, resolve_teacher, unlabelled
+from .label import Teacher, apply_teacher, label_with_teacher, teacher_from, unlabelled
 from .respond import generate_rows, prompt_pool, read_prompts_file
 
 
@@ -56,11 +58,14 @@ def _clean(rows: pd.DataFrame, modes: set[str], recipe: Recipe, counts: dict, pr
 
 
 def build_dataset(recipe: Recipe, files: Sequence[str | Path] | None = None, *,
-                  engines: Mapping[str | Path, object] | None = None, progress: bool = True) -> GeneratedDataset:
+                  engines: Mapping[str | Path, object] | None = None, progress: bool = True,
+                  teacher_of: Callable[[Recipe], Teacher] | None = None,
+                  resolve: Callable[[str], ModelRef] = local_model_ref) -> GeneratedDataset:
     """Every mode of `recipe.generate.modes` (see the module doc) -> train/valid canonical rows.
 
-    `engines` maps checkpoint dirs to already started Scorers to use (never closed here).
-    No MLflow logging (teacher resolution reads the registry); `generate_dataset` logs."""
+    `engines` maps checkpoint dirs to already started Scorers to use (never closed here); `teacher_of(recipe)`
+    resolves `generate.teacher` for label and `resolve(reference)` the generators of respond (the stage's read
+    the registry; without teacher_of the teacher is `generate.teacher` through `resolve`). No MLflow here."""
     g, d = recipe.generate, recipe.data
     modes = check_modes(g.modes)
     files = [str(f) for f in (files or d.files)]
@@ -95,7 +100,7 @@ def build_dataset(recipe: Recipe, files: Sequence[str | Path] | None = None, *,
             if pool.empty:
                 raise DatagenError("respond: no prompt left after the valid-overlap, filter and dedup steps "
                                    f"({ {k: v for k, v in counts.items() if k.startswith('prompts')} })")
-            generated = generate_rows(recipe, pool, pool_engines, counts, speed, progress)
+            generated = generate_rows(recipe, pool, pool_engines, counts, speed, progress, resolve)
             if "filter" in modes:
                 generated, found = filter_rows(generated, FilterBounds.of(g))
                 counts.update({f"pairs_filtered_{k}": v for k, v in found.items()})
@@ -104,7 +109,7 @@ def build_dataset(recipe: Recipe, files: Sequence[str | Path] | None = None, *,
             todo = {k: v for k, v in parts.items() if v is not None and len(v) and unlabelled(v).any()}
             counts["rows_to_label"] = sum(int(unlabelled(v).sum()) for v in todo.values())
             if todo:
-                teacher = resolve_teacher(recipe)
+                teacher = teacher_of(recipe) if teacher_of else teacher_from(resolve(g.teacher), g.teacher)
                 stacked = pd.concat([v[unlabelled(v)] for v in todo.values()], ignore_index=True)
                 probs = label_with_teacher(recipe, stacked, teacher, pool_engines, counts, speed, progress)
                 offset = 0
@@ -142,7 +147,7 @@ def build_dataset(recipe: Recipe, files: Sequence[str | Path] | None = None, *,
 
 
 # ---------------------------------------------------------------------------------------------
-# outputs and MLflow
+# outputs
 
 def sample_records(rows: pd.DataFrame, n: int) -> list[dict]:
     columns = [c for c in ("id", "model_a", "model_b", *TEXT_COLUMNS, "label", *SOFT_COLUMNS) if c in rows.columns]
@@ -203,51 +208,3 @@ def write_outputs(dataset: GeneratedDataset, out: Path, sample_rows: int = 8) ->
         page.write_text(samples_html(records, "arenaflow generated rows"), encoding="utf-8")
         written += [jsonl, page]
     return written
-
-
-def log_dataset(dataset: GeneratedDataset, recipe: Recipe) -> dict[str, float]:
-    """Into the active MLflow run: metrics, teacher tags, dataset inputs with digests, artifacts
-    `data/{train,valid,generated}.parquet` and `samples/samples.{jsonl,html}`."""
-    import tempfile
-
-    import mlflow
-
-    from ..data import log_rows_dataset
-
-    if mlflow.active_run() is None:
-        raise DatagenError("log_dataset needs an active MLflow run (pipeline.datagen opens one)")
-    metrics = dataset_metrics(dataset)
-    mlflow.log_metrics(metrics)
-    source = ",".join(dataset.files + ([recipe.generate.prompts_file] if recipe.generate.prompts_file else []))
-    tags = {"generate_modes": ",".join(recipe.generate.modes)}
-    if dataset.teacher:
-        tags.update(teacher=dataset.teacher.uri, teacher_requested=dataset.teacher.requested,
-                    teacher_version=dataset.teacher.version or "",
-                    teacher_fallback_reason=dataset.teacher.fallback_reason or "")
-    for split, rows, context in (("train", dataset.train, "training"), ("valid", dataset.valid, "validation"),
-                                 ("generated", dataset.generated, "generated")):
-        if len(rows):
-            tags[f"{split}_digest"] = log_rows_dataset(rows, source=source or "generated",
-                                                       name=f"{recipe.name}-{split}", context=context).digest
-    mlflow.set_tags(tags)
-    with tempfile.TemporaryDirectory() as tmp:
-        write_outputs(dataset, Path(tmp), recipe.generate.sample_rows)
-        mlflow.log_artifacts(str(Path(tmp) / "data"), "data")
-        if (Path(tmp) / "samples").exists():
-            mlflow.log_artifacts(str(Path(tmp) / "samples"), "samples")
-    return metrics
-
-
-def generate_dataset(recipe: Recipe, files: Sequence[str | Path] | None = None, *,
-                     engines: Mapping[str | Path, object] | None = None, progress: bool = True) -> GeneratedDataset:
-    """`build_dataset` then `log_dataset` into the active MLflow run (what pipeline.datagen calls)."""
-    dataset = build_dataset(recipe, files, engines=engines, progress=progress)
-    metrics = log_dataset(dataset, recipe)
-    if dataset.teacher:
-        used = dataset.teacher.uri + (f" v{dataset.teacher.version}" if dataset.teacher.version else "")
-        why = f" (fallback: {dataset.teacher.fallback_reason})" if dataset.teacher.fallback_reason else ""
-        print(f"datagen: teacher {used}{why}")
-    shown = ("rows_train", "rows_valid", "prompts_used", "responses_generated", "responses_resumed", "pairs",
-             "rows_generated", "rows_hard_labelled", "rows_train_augmented", "samples_per_s", "generated_tokens_per_s")
-    print("datagen: " + ", ".join(f"{k}={metrics[k]:g}" for k in shown if k in metrics))
-    return dataset

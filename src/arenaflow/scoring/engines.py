@@ -15,9 +15,9 @@ assistant's generation prompt, see prompts.py) at the three label tokens "A", "B
 
 `engine.data_parallel_size > 1` runs one engine process per GPU group (spawned, `CUDA_VISIBLE_DEVICES`
 per worker), each on a contiguous shard; results come back in input order. `engine.executor: ray` runs
-one engine per Ray actor on a cluster instead (ray_scoring.py). `engine.pipeline_parallel_size` and
+one engine per Ray actor on a cluster instead (ray_actors.py). `engine.pipeline_parallel_size` and
 `engine.distributed_executor_backend` (vLLM's Ray executor: one engine over several nodes) are passed to
-`LLM(...)` only when set. `scoring.Scorer` is the front every stage uses.
+`LLM(...)` only when set. `scoring.Scorer` (scorer.py) is the front every stage uses.
 
 Scripts that create a vLLM engine need an `if __name__ == "__main__":` guard (workers are spawned).
 """
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .models import LABEL_WORDS, read_config
-from .recipe import EngineConfig
+from ..models import LABEL_WORDS, read_config
+from ..recipe import EngineConfig
 
 BACKENDS = ("vllm", "vllm-classify", "transformers", "transformers-naive")
 NAIVE_BATCH_SIZE = 8
@@ -159,7 +159,7 @@ GPU_MEMORY_MARGIN_GIB = 1.0
 def memory_utilization(engine: EngineConfig) -> float:
     """`engine.gpu_memory_utilization`, or less when the memory free now is below that share of the card
     (another process holds some): vLLM refuses to start otherwise. Its KV cache is then smaller."""
-    from .hardware import gpu_memory_gib
+    from ..hardware import gpu_memory_gib
 
     asked = engine.gpu_memory_utilization
     memory = gpu_memory_gib(engine.tensor_parallel_size * engine.pipeline_parallel_size)
@@ -177,7 +177,7 @@ def memory_utilization(engine: EngineConfig) -> float:
     return fitting
 
 
-class _VllmEngine:
+class VllmEngine:
     """One vLLM engine: logprobs of the three label tokens, or the converted 3-way classifier."""
 
     live = 0  # engines started and not closed in this process
@@ -209,7 +209,7 @@ class _VllmEngine:
         from vllm import LLM, SamplingParams
 
         self.llm = LLM(**kwargs)
-        _VllmEngine.live += 1
+        VllmEngine.live += 1
         model_config = getattr(self.llm.llm_engine, "model_config", None)
         self.max_model_len = getattr(model_config, "max_model_len", None) or max_model_len
         self.params = SamplingParams(max_tokens=1, temperature=0, logprob_token_ids=list(label_ids),
@@ -260,9 +260,9 @@ class _VllmEngine:
         llm, self.llm = getattr(self, "llm", None), None
         if llm is None:
             return
-        _VllmEngine.live -= 1
+        VllmEngine.live -= 1
         core = getattr(llm.llm_engine, "engine_core", None)
-        if _VllmEngine.live > 0 and type(core).__name__ == "InprocClient":
+        if VllmEngine.live > 0 and type(core).__name__ == "InprocClient":
             # In-process engines share this process's vLLM process groups, and an in-process shutdown
             # (also run when the client is garbage collected) destroys them under the engines still open.
             finalizer = getattr(core, "_finalizer", None)
@@ -281,7 +281,7 @@ _TORCH_DTYPES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16
 
 
 
-class _TransformersEngine:
+class TransformersEngine:
     """Reference scorer: one forward per batch, logits at the last prompt position only."""
 
     def __init__(self, checkpoint: Path, engine: EngineConfig, label_ids: list[int], pad_id: int,
