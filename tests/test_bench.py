@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from arenaflow.stages import bench as bench_stage
 from arenaflow.bench import (
-    DEFAULT_ENGINES, BenchError, bench_stage, engine_config,
+    DEFAULT_ENGINES, BenchError, engine_config,
     parse_engine_spec, synthetic_lengths, synthetic_prompts,
 )
 from arenaflow.recipe import EngineConfig, load_recipe
@@ -44,7 +45,7 @@ def test_bench_all_engines_on_cpu(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     recipe = load_recipe(ROOT / "experiments" / "cpu-smollm2.yaml",
                          ["engine.dtype=float32", "engine.cpu_kv_cache_gib=0.25", "engine.enforce_eager=true"])
-    report = bench_stage(recipe, model=str(tiny_checkpoint), synthetic="12:40-200", warmup=2)
+    report = bench_stage.run(recipe, model=str(tiny_checkpoint), synthetic="12:40-200", warmup=2)
     labels = [e.label for e in report.engines]
     assert labels == list(DEFAULT_ENGINES)
     for e in report.engines:

@@ -40,7 +40,8 @@ def test_finetune_starts_from_a_registered_version(champion, reference):
     ref = reference.format(version=champion)
     recipe = load_recipe(RECIPE, TINY + [f"model.base={ref}", "train.max_train_rows=4", "train.batch_size=2",
                                          "train.gradient_accumulation_steps=1", "train.load_in_4bit=false"])
-    assert registry.training_base(recipe).parent.name == "artifacts"  # the version's downloaded checkpoint
+    base = registry.training_base(recipe)
+    assert base.parent.name == "artifacts" and "/models/m-" in str(base)  # the version's MLflow Model checkpoint
     run = MlflowClient().get_run(finetune.run(recipe))
     trained = json.loads((fetch_artifacts(f"runs:/{run.info.run_id}/adapter") / "arenaflow_train.json").read_text())
-    assert "/artifacts/checkpoint" in trained["base_checkpoint"] and run.data.metrics["rows_trained"] == 4
+    assert trained["base_checkpoint"] == str(base) and run.data.metrics["rows_trained"] == 4

@@ -194,7 +194,7 @@ def run_bench(checkpoint: Path, prompts: list[list[int]], specs: list[EngineSpec
               trust_remote_code: bool = False, on_engine=None) -> BenchReport:
     """Time each engine on the same prompts (see module doc). An engine that fails is reported, not fatal.
 
-    `on_engine(figures)` is called as soon as each engine is done (bench_stage logs its metrics then),
+    `on_engine(figures)` is called as soon as each engine is done (stages/bench.py logs its metrics then),
     so a bench killed at a time limit keeps the figures of the engines that finished."""
     import traceback
 

@@ -1,5 +1,5 @@
 """`arenaflow bench --train`: the project's finetune step against plain peft, timed on one card and the
-same rows (pipeline.bench opens the MLflow run and logs what `run_train_bench` returns).
+same rows (stages/bench.py opens the MLflow run and logs what `run_train_bench` returns).
 
 Variants (comma-separated, `parse_variant`): `peft-baseline` is transformers + peft QLoRA as documented:
 NF4 via BitsAndBytesConfig with bf16 compute, prepare_model_for_kbit_training (its float32 upcast), LoRA
@@ -432,12 +432,13 @@ def prepare_train_bench(recipe: Recipe, model: str = "", variants: str = "", *, 
     if steps < 1 or warmup_steps < 0 or rows < 1:
         raise TrainBenchError(f"need steps >= 1, warm-up steps >= 0 and validation rows >= 1 (got {steps}, "
                               f"{warmup_steps}, {rows})")
-    from .train import settle_memory
+    from .train_fit import settle_memory
 
     specs = parse_variants(variants)
+    configs = [variant_config(recipe.train, v) for v in specs]  # a bad variant stops before any model loads
     reference = model or recipe.model.base
     checkpoint = resolve_model(reference)
-    configs = [settle_memory(variant_config(recipe.train, v), checkpoint, recipe.prompt.max_length)[0] for v in specs]
+    configs = [settle_memory(c, checkpoint, recipe.prompt.max_length)[0] for c in configs]
     tokenizer = load_tokenizer(checkpoint, recipe.model.trust_remote_code)
     builder = PromptBuilder(tokenizer, recipe.prompt)
     needed = max((warmup_steps + steps) * c.batch_size * c.gradient_accumulation_steps for c in configs)

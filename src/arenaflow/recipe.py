@@ -74,7 +74,7 @@ class TrainConfig:
     optim: str = "adamw_torch_fused"  # transformers optimizer name (adamw_torch, adamw_torch_fused, ...)
     torch_compile: bool = False  # torch.compile the model (the Trainer's torch_compile)
     use_liger_kernel: bool = False  # Liger's RMSNorm/SwiGLU/RoPE kernels (needs the liger-kernel package)
-    processes: int = 1  # > 1: finetune under `accelerate launch` (DDP, one process per GPU; train_launch.py)
+    processes: int = 1  # > 1: finetune under `accelerate launch` (DDP, one process per GPU; stages/train_launch.py)
 
 
 @dataclass

@@ -467,7 +467,7 @@ def finetune(base_checkpoint: Path, train_rows: pd.DataFrame, valid_rows: pd.Dat
         logger.info("saving the adapter validated at epoch %.2f: %s", kept["epoch"] or 0, kept)
 
     adapter_dir = Path(out_dir) / "adapter"
-    if trainer.is_world_process_zero():  # under accelerate launch (train_launch.py), rank 0 alone writes
+    if trainer.is_world_process_zero():  # under accelerate launch (stages/train_launch.py), rank 0 alone writes
         trainer.model.save_pretrained(adapter_dir)
         run.tokenizer.save_pretrained(adapter_dir)
         (adapter_dir / "arenaflow_train.json").write_text(json.dumps({

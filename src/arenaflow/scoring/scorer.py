@@ -229,7 +229,7 @@ def predict(scorer: Scorer, builder, rows, swap_tta: bool, progress: bool = True
 def open_scorer(checkpoint: Path, recipe: Recipe):
     """(Scorer, PromptBuilder): the recipe's engine (`engine_for`) on a checkpoint, and the prompt
     builder of its tokenizer."""
-    from .prompts import PromptBuilder
+    from ..prompts import PromptBuilder
 
     builder = PromptBuilder(load_tokenizer(checkpoint, recipe.model.trust_remote_code), recipe.prompt)
     scorer = Scorer(checkpoint, recipe.engine, max_model_len=recipe.prompt.max_length + 8,
