@@ -15,6 +15,7 @@ Every resolved checkpoint has a tokenizer whose "A", "B", "tie" are single token
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -39,6 +40,16 @@ def read_config(checkpoint: Path | str) -> dict:
         return json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ModelError(f"{checkpoint}: no readable config.json ({e})") from None
+
+
+def checkpoint_digest(checkpoint: Path | str) -> str:
+    """sha256 over every file of a checkpoint (relative name and content): two folders score alike only if
+    this matches, whatever their path (resumable work keys on it, not on where the model lies)."""
+    root, total = Path(checkpoint), hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        with path.open("rb") as f:
+            total.update(f"{path.relative_to(root).as_posix()}\0{hashlib.file_digest(f, 'sha256').hexdigest()}\n".encode())
+    return total.hexdigest()
 
 
 def compressed_weights(config: dict) -> list[dict]:

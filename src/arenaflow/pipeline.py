@@ -17,7 +17,7 @@ from .calibration import Calibrator, cross_fit
 from .data import evaluation_rows, fetch_artifacts, load_split, log_rows_dataset, recipe_split, subsample
 from .datagen.stage import generate_dataset
 from .metrics import ROWS_KAGGLE_TEST, preference_metrics, reference_log_losses, save_plots, speed_metrics
-from .models import load_tokenizer, resolve_model
+from .models import checkpoint_digest, load_tokenizer, resolve_model
 from .plan import plan_stage, planned_speed
 from .prompts import PromptBuilder
 from .quantize import check_config as check_quant_config
@@ -64,8 +64,8 @@ def datagen(recipe: Recipe, input: str = "", prompts_file: str = "") -> str:
 def evaluate(recipe: Recipe, input: str = "", model: str = "") -> dict[str, float]:
     """Score labelled rows with a model; log log_loss & co (against the version's MLflow Model and the
     evaluation dataset when the model is a registered version), plots, predictions."""
+    train, rows = evaluation_rows(recipe, input)  # unlabelled rows are refused before any model is resolved
     ref = resolve_model_ref(model, recipe)
-    train, rows = evaluation_rows(recipe, input)
     labels = rows["label"].to_numpy()
     with stage_run(recipe, "evaluate", model=ref.uri,
                    precision=checkpoint_precision(ref.checkpoint, recipe.engine.dtype)) as run:
@@ -136,7 +136,7 @@ def infer(recipe: Recipe, input: str, output: str = "submission.csv", model: str
                    precision=checkpoint_precision(ref.checkpoint, recipe.engine.dtype)) as run:
         dataset = log_rows_dataset(rows, source=input, name="infer-input", context="inference")
         manifest = {"input": str(input), "input_digest": dataset.digest, "rows": len(rows), "model": ref.uri,
-                    "version": ref.version, "checkpoint": str(ref.checkpoint) if not ref.version else None,
+                    "version": ref.version, "checkpoint_sha256": checkpoint_digest(ref.checkpoint),  # not its path
                     "calibration": ref.calibrator.to_dict(),
                     "prompt": dataclasses.asdict(recipe.prompt), "engine": dataclasses.asdict(recipe.engine)}
         # The engine is started by the first shard that needs one (on Ray: one run over every row left).
