@@ -13,6 +13,7 @@ from arenaflow.bench import (
     DEFAULT_ENGINES, BenchError, engine_config,
     parse_engine_spec, synthetic_lengths, synthetic_prompts,
 )
+from arenaflow.hardware import gpu_count
 from arenaflow.recipe import EngineConfig, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,10 +53,11 @@ def test_bench_all_engines_on_cpu(tiny_checkpoint, tmp_path, monkeypatch):
         assert not e.error, e.error
         # tokens/s over samples/s is the mean prompt length of the set every engine scored
         assert e.tokens_per_s / e.samples_per_s == pytest.approx(report.prompt_tokens / report.rows, rel=1e-9)
-        assert math.isfinite(e.mfu_matmul) and e.mfu_matmul > 0 and e.gpus == 0  # 0: the CPU
+        assert math.isfinite(e.mfu_matmul) and e.mfu_matmul > 0 and e.gpus == gpu_count()
         assert e.max_prob_diff < 1e-4  # float32, same weights: the engines agree
-    assert report.matmul_tflops > 0 and report.peak_tflops is None  # a CPU has no datasheet rate here
-    assert report.matmul_burst_tflops == report.matmul_tflops  # one measurement on CPU
+    assert report.matmul_tflops > 0
+    if gpu_count() == 0:
+        assert report.peak_tflops is None  # a CPU has no datasheet rate
     table = report.table()
     assert all(label in table for label in labels) and "MFU" in table
     import mlflow

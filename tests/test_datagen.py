@@ -240,3 +240,31 @@ def test_distill_datagen_labels_with_a_w8a16_champion(tiny_vllm, tiny_checkpoint
     assert "8]-bit weights" in mlflow.get_run(run.info.run_id).data.tags["engine_fallback"]
     assert ds.counts["rows_labelled"] > 0
     np.testing.assert_allclose(ds.generated[list(SOFT_COLUMNS)].sum(axis=1), 1.0, atol=1e-9)
+
+
+def test_datagen_cli_generates_for_the_prompts_of_prompts_file(tiny_vllm, tiny_checkpoint, small_data, tmp_path,
+                                                               store, monkeypatch):
+    import mlflow
+
+    from arenaflow import cli, pipeline
+
+    prompts = [[f"Name {n} things that are {colour}."] for n, colour in zip(range(2, 7), ("red", "blue", "green",
+                                                                                          "round", "loud"))]
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    real = pipeline.generate_dataset
+    monkeypatch.setattr(pipeline, "generate_dataset",  # the session's engine, not a new one
+                        lambda recipe, files: real(recipe, files, engines={tiny_checkpoint: tiny_vllm}, progress=False))
+    recipe = Path(__file__).resolve().parents[1] / "experiments" / "cpu-smollm2-distill.yaml"
+    overrides = [f"data.files={small_data}", "data.valid_fraction=0.25", "generate.generators=tiny:llama",
+                 "generate.teacher_fallback=tiny:llama", "generate.n_prompts=4", "generate.max_tokens=6",
+                 "generate.shard_size=2", "generate.max_prompt_tokens=200", "generate.min_response_chars=0",
+                 "generate.min_ascii_share=0", f"generate.work_dir={tmp_path / 'work'}", "engine.max_model_len=1024",
+                 "engine.cpu_kv_cache_gib=0.25"]
+    args = ["datagen", "--recipe", str(recipe), *[a for o in overrides for a in ("--set", o)],
+            "--prompts-file", str(prompts_file)]
+    assert cli.main(args) == 0
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    train = read_prepared(Path(mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/data")) / "train.parquet")
+    generated = train[train["source"] == "generated"]
+    assert len(generated) > 0 and {json.dumps(p) for p in generated["prompt"]} <= {json.dumps(p) for p in prompts}

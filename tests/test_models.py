@@ -6,11 +6,15 @@ from arenaflow.models import ModelError, label_token_ids, load_tokenizer, publis
 
 
 @pytest.mark.slow
-def test_smollm2_resolves_to_a_plain_safetensors_checkpoint():
+def test_smollm2_resolves_to_a_plain_safetensors_checkpoint(monkeypatch):
+    import transformers
+
     checkpoint = resolve_model("gguf:smollm2-135m-instruct")
     config = json.loads((checkpoint / "config.json").read_text())
     assert "quantization_config" not in config  # the GGUF quantizer is gone
     assert (checkpoint / "model.safetensors").exists()
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("converted again"))
     assert resolve_model("gguf:smollm2-135m-instruct") == checkpoint  # converted once, cached
 
 

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -15,19 +20,23 @@ from conftest import MTBENCH, PANDALM, RECIPE, ROOT, TINY
 
 from arenaflow import cli
 from arenaflow.stages import evaluate, finetune, infer, quantize, registry
-from arenaflow.recipe import load_recipe
+from arenaflow.data import load_rows
 from arenaflow.stages.datasets import fetch_artifacts
+from arenaflow.recipe import load_recipe
+from arenaflow.stages.runs import stage_run
+
+TINY_SET = [arg for override in TINY for arg in ("--set", override)]
 
 @pytest.fixture
 def recipe():
     return load_recipe(RECIPE, TINY)
 
 
-def run_datagen() -> str:
-    assert cli.main(["datagen", "--recipe", RECIPE,
-                     "--set", f"data.files={MTBENCH},{PANDALM}"]) == 0
-    (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("cpu-smollm2").experiment_id])
-    return run.info.run_id
+def run_datagen(files: str = f"{MTBENCH},{PANDALM}") -> str:
+    assert cli.main(["datagen", "--recipe", RECIPE, "--set", f"data.files={files}"]) == 0
+    runs = MlflowClient().search_runs([mlflow.get_experiment_by_name("cpu-smollm2").experiment_id],
+                                      order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id
 
 
 def test_datagen_logs_datasets_and_keeps_every_row(store):
@@ -45,8 +54,45 @@ def test_datagen_logs_datasets_and_keeps_every_row(store):
 
 
 def test_stages_read_a_datagen_output(store, recipe):
-    figures = evaluate.run(recipe, input=f"runs:/{run_datagen()}/data", model="tiny:llama")
-    assert figures["rows"] == 16
+    """A datagen output of one file (mtbench) against a recipe of two: evaluate scores the output's rows."""
+    data = f"runs:/{run_datagen(str(MTBENCH))}/data"
+    figures = evaluate.run(recipe, input=data, model="tiny:llama")
+    assert figures["rows"] == 16 and not any(k.startswith("log_loss.") for k in figures)  # one source, not two
+    (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name(recipe.name).experiment_id],
+                                       filter_string="tags.stage = 'evaluate'")
+    scored = pd.read_csv(mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/predictions.csv"), dtype=str)
+    valid = pd.read_parquet(fetch_artifacts(data) / "valid.parquet")
+    assert set(scored["id"]) <= set(valid["id"]) and set(scored["source"]) == {MTBENCH.name}
+
+
+def test_evaluate_refuses_an_unlabelled_file_before_any_model_loads(store, tmp_path, capsys, monkeypatch):
+    frame = pd.read_csv(PANDALM).head(5)[["id", "prompt", "response_a", "response_b"]]
+    frame.to_csv(tmp_path / "test.csv", index=False)
+    monkeypatch.setattr(pipeline, "resolve_model_ref", lambda *a: pytest.fail("a model was resolved"))
+    assert cli.main(["evaluate", "--recipe", RECIPE, *TINY_SET, "--input", str(tmp_path / "test.csv")]) == 2
+    assert f"{tmp_path / 'test.csv'}: evaluate needs labelled rows" in capsys.readouterr().err
+
+
+def test_promote_latest_from_the_cli_takes_the_highest_version(store, tiny_checkpoint, recipe):
+    for _ in range(3):
+        with stage_run(recipe, "quantize", model="tiny:llama"):
+            registry.register_model(tiny_checkpoint, "arenaflow", recipe, load_rows(PANDALM).head(2), tags={})
+    assert cli.main(["promote", "--recipe", RECIPE, *TINY_SET, "--version", "latest"]) == 0
+    assert registry.alias_version("arenaflow") == "3"  # no champion yet: the latest takes it
+    (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name(recipe.name).experiment_id],
+                                       filter_string="tags.stage = 'promote'")
+    assert run.data.tags["candidate_version"] == "3"
+
+
+def test_plan_cli_prints_the_plan_and_refuses_an_unknown_card(capsys):
+    assert cli.main(["plan", "--recipe", str(ROOT / "experiments" / "kaggle-2xt4-34b.yaml"), "--rows", "25000",
+                     "--gpu", "T4", "--count", "2"]) == 0
+    table = capsys.readouterr().out
+    assert "on 2x T4, tensor parallel 2" in table and "-> FITS" in table and "time: 25000 rows" in table
+    assert cli.main(["plan", "--recipe", str(ROOT / "experiments" / "kaggle-2xt4-34b.yaml"), "--count", "1"]) == 2
+    assert "needs 2 GPUs, 1 given" in capsys.readouterr().err  # the recipe's tensor parallel 2
+    assert cli.main(["plan", "--recipe", RECIPE, "--gpu", "V100"]) == 2
+    assert "V100" in capsys.readouterr().err
 
 
 def test_malformed_input_fails_with_file_row_column(store, tmp_path, capsys):
@@ -118,10 +164,40 @@ def test_infer_writes_a_valid_submission_in_input_order(champion, recipe, tmp_pa
     assert run.data.metrics["rows"] == 20 and run.data.metrics["projected_hours_25k_rows"] > 0
 
 
-def test_killed_infer_resumes_to_the_identical_file(champion, recipe, tmp_path, monkeypatch):
-    test = kaggle_test_file(tmp_path, n=30)  # 4 shards of 8 rows
-    clean = infer.run(recipe, str(test), str(tmp_path / "clean.csv")).read_bytes()
+def last_infer_run(recipe):
+    return MlflowClient().search_runs([mlflow.get_experiment_by_name(recipe.name).experiment_id],
+                                      filter_string="tags.stage = 'infer'", order_by=["attributes.start_time DESC"])[0]
 
+
+@pytest.mark.slow
+def test_infer_killed_by_a_signal_resumes_to_the_identical_file(champion, recipe, tmp_path):
+    test = kaggle_test_file(tmp_path, n=160)  # 20 shards of 8 rows
+    clean = infer.run(recipe, str(test), str(tmp_path / "clean.csv")).read_bytes()
+    shards = tmp_path / "resumed.csv.shards"
+    proc = subprocess.Popen([sys.executable, "-m", "arenaflow.cli", "infer", "--recipe", RECIPE, *TINY_SET,
+                             "--input", str(test), "--output", str(tmp_path / "resumed.csv")])
+    try:
+        deadline = time.time() + 300
+        while len(list(shards.rglob("shard_*.json"))) < 2:
+            assert proc.poll() is None and time.time() < deadline, "infer ended before it could be killed"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    saved = len(list(shards.rglob("shard_*.json")))
+    assert 2 <= saved < 20 and not (tmp_path / "resumed.csv").exists()
+    resumed = infer.run(recipe, str(test), str(tmp_path / "resumed.csv"))
+    assert resumed.read_bytes() == clean
+    metrics = last_infer_run(recipe).data.metrics
+    assert metrics["rows_resumed"] == 8 * saved and metrics["rows_scored_this_run"] == 160 - 8 * saved
+
+
+def test_infer_does_not_resume_shards_of_another_model_at_the_same_path(store, recipe, tiny_checkpoint, tmp_path,
+                                                                       monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    model, test = tmp_path / "model", kaggle_test_file(tmp_path, n=30)  # 4 shards of 8 rows
+    shutil.copytree(tiny_checkpoint, model)
     real_predict, calls = infer.predict, []
 
     def dies_on_third_shard(*args, **kwargs):
@@ -132,14 +208,15 @@ def test_killed_infer_resumes_to_the_identical_file(champion, recipe, tmp_path, 
 
     monkeypatch.setattr(infer, "predict", dies_on_third_shard)
     with pytest.raises(KeyboardInterrupt):
-        infer.run(recipe, str(test), str(tmp_path / "resumed.csv"))
-    assert len(list((tmp_path / "resumed.csv.shards").rglob("shard_*.json"))) == 2
+        infer.run(recipe, str(test), str(tmp_path / "out.csv"), model=str(model))
     monkeypatch.setattr(infer, "predict", real_predict)
-    resumed = infer.run(recipe, str(test), str(tmp_path / "resumed.csv"))
-    assert resumed.read_bytes() == clean
-    last = MlflowClient().search_runs([mlflow.get_experiment_by_name(recipe.name).experiment_id],
-                                      filter_string="tags.stage = 'infer'", order_by=["attributes.start_time DESC"])[0]
-    assert last.data.metrics["rows_resumed"] == 16 and last.data.metrics["rows_scored_this_run"] == 14
+    weights = load_file(model / "model.safetensors")
+    save_file({k: v * 1.5 for k, v in weights.items()}, model / "model.safetensors", metadata={"format": "pt"})
+    resumed = pd.read_csv(infer.run(recipe, str(test), str(tmp_path / "out.csv"), model=str(model)))
+    assert last_infer_run(recipe).data.metrics["rows_resumed"] == 0  # the 2 saved shards were the old model's
+    shutil.copytree(model, tmp_path / "elsewhere")
+    fresh = pd.read_csv(infer.run(recipe, str(test), str(tmp_path / "fresh.csv"), model=str(tmp_path / "elsewhere")))
+    pd.testing.assert_frame_equal(resumed, fresh)
 
 
 def test_finetune_then_quantize_registers_a_tagged_version(store, recipe, tmp_path, monkeypatch):
@@ -173,6 +250,27 @@ def test_finetune_then_quantize_registers_a_tagged_version(store, recipe, tmp_pa
     assert ref.calibrator.method == ("none" if dropped else "vector") == run.data.params["calibrator.method"]
     config = json.loads((ref.checkpoint / "config.json").read_text())
     assert config["quantization_config"]["format"] == "pack-quantized"
+
+
+def test_main_reuses_only_finished_runs_with_same_params_and_commit(store):
+    client = MlflowClient()
+    experiment = client.create_experiment("reuse")
+
+    def run(params, commit="abc", status="FINISHED"):
+        created = client.create_run(experiment, tags={"mlflow.project.entryPoint": "datagen",
+                                                      "mlflow.source.git.commit": commit})
+        for key, value in params.items():
+            client.log_param(created.info.run_id, key, value)
+        client.set_terminated(created.info.run_id, status=status)
+        return created.info.run_id
+
+    wanted = {"recipe": "experiments/cpu-smollm2.yaml", "overrides": ""}
+    run(wanted, commit="old")
+    run(wanted, status="FAILED")
+    run({**wanted, "overrides": "train.epochs=2"})
+    assert pipeline._finished_run("datagen", wanted, "abc", experiment) is None
+    same = run(wanted)
+    assert pipeline._finished_run("datagen", wanted, "abc", experiment).info.run_id == same
 
 
 def test_evaluate_scores_every_row_of_an_explicit_file(store, recipe, tmp_path, tiny_checkpoint):

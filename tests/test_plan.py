@@ -13,14 +13,21 @@ from arenaflow.recipe import load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_kaggle_34b_recipe_fits_two_t4_and_finishes_in_9_hours():
+def test_kaggle_34b_recipe_fits_two_t4():
     recipe = load_recipe(ROOT / "experiments" / "kaggle-2xt4-34b.yaml")
     p = plan(recipe, rows=25_000, gpu="T4", count=2)  # lengths: bundled data through the prompt builder
     assert p.tp == 2 and p.fits, p.table()
     assert p.memory_gib["total"] < 15.0
-    assert p.hours < 9.0, p.table()
-    assert 0.3 < p.seconds_per_row < 1.3  # the seed's published ~1.3 s/row is the upper end
     assert p.mean_tokens <= 1024
+
+
+# Measured with `arenaflow bench` on random:llama-3-8b, vLLM bf16, prompts of 600-1400 tokens (BENCHMARKS.md,
+# session 2: runs C and B); EFFICIENCY was calibrated on another figure (42.5 samples/s), not on these.
+@pytest.mark.parametrize("count, tp, dp, measured", [(1, 1, 1, 42.04), (2, 2, 1, 70.81), (2, 1, 2, 82.66)])
+def test_plan_predicts_the_measured_h200_speed_within_15_percent(count, tp, dp, measured):
+    p = make_plan(ARCHITECTURES["llama-3-8b"], np.full(1000, 1000), gpu=gpu_spec("H200"), count=count, tp=tp, dp=dp,
+                  rows=1000)
+    assert abs(1 / p.seconds_per_row / measured - 1) < 0.15, p.table()
 
 
 def test_70b_fp16_does_not_fit_one_t4():
@@ -89,7 +96,9 @@ def test_infer_speed_figures_get_the_plan_next_to_them_on_a_gpu(tmp_path, monkey
     from arenaflow.recipe import EngineConfig
 
     checkpoint, engine = _checkpoint(tmp_path), EngineConfig(dtype="bfloat16")
-    assert plan_mod.planned_speed(checkpoint, engine, prompts=20, tokens=20_000, rows=10) == {}  # this CPU
+    monkeypatch.setattr(plan_mod, "card_name", lambda: "CPU x86_64 (2 threads)")
+    monkeypatch.setattr(plan_mod, "gpu_count", lambda: 0)
+    assert plan_mod.planned_speed(checkpoint, engine, prompts=20, tokens=20_000, rows=10) == {}  # a CPU host
     monkeypatch.setattr(plan_mod, "card_name", lambda: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(plan_mod, "gpu_count", lambda: 1)
     with_tta = plan_mod.planned_speed(checkpoint, engine, prompts=20, tokens=20_000, rows=10)

@@ -117,11 +117,24 @@ def test_merge_refuses_4bit_dtype(tiny, tmp_path):
         merge_adapter(tiny, tmp_path / "adapter", tmp_path / "merged", dtype="nf4")
 
 
-@pytest.mark.parametrize(
-    "scheme,bits,tolerance",
-    [("W4A16", 4, 0.05), ("W8A16", 8, 0.005)],
-)
-def test_awq_checkpoint_reloads_close(tiny, tmp_path, tokenizer, prompts, scheme, bits, tolerance):
+@pytest.fixture(scope="module")
+def unrelated(tiny, tmp_path_factory) -> Path:
+    """Another random tiny Llama (seed 1): how far a model that shares nothing with `tiny` lands."""
+    from arenaflow.models import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("seed1") / "tiny", tokenizer_from=tiny, seed=1)
+
+
+def _next_token_logprobs(path, prompts) -> torch.Tensor:
+    """N x vocab log-probabilities of the token after each prompt (the whole vocabulary: more than 3 labels)."""
+    model = _load(path)
+    with torch.no_grad():
+        return torch.stack([torch.log_softmax(model(torch.tensor([p])).logits[0, -1], -1) for p in prompts])
+
+
+# Measured: W4A16 lands at 0.14 of the unrelated model's distance, W8A16 at 0.008.
+@pytest.mark.parametrize("scheme,bits,share", [("W4A16", 4, 0.35), ("W8A16", 8, 0.03)])
+def test_awq_checkpoint_reloads_close(tiny, unrelated, tmp_path, prompts, scheme, bits, share):
     config = QuantConfig(scheme=scheme, method="awq", group_size=64, calibration_rows=4, calibration_max_length=64)
     out = quantize_checkpoint(tiny, tmp_path / scheme, config, calibration=prompts)
     hf = json.loads((out / "config.json").read_text())
@@ -134,16 +147,10 @@ def test_awq_checkpoint_reloads_close(tiny, tmp_path, tokenizer, prompts, scheme
     assert (out / "tokenizer.json").exists()
     assert checkpoint_size_bytes(out) < checkpoint_size_bytes(tiny)
 
-    labels = label_token_ids(tokenizer)
-    reference = _label_probs(_load(tiny), prompts, labels)
-    quantized_model = _load(out)
-    quantized = _label_probs(quantized_model, prompts, labels)
-    assert torch.allclose(quantized.sum(-1), torch.ones(len(prompts)))
-    assert (quantized - reference).abs().max() < tolerance
-    # the weights really changed (quantized), the reference was not silently reloaded
-    with torch.no_grad():
-        ids = torch.tensor([prompts[0]])
-        assert not torch.equal(quantized_model(ids).logits, _load(tiny)(ids).logits)
+    reference = _next_token_logprobs(tiny, prompts)
+    error = (_next_token_logprobs(out, prompts) - reference).abs().max()
+    null = (_next_token_logprobs(unrelated, prompts) - reference).abs().max()
+    assert 0 < error < share * null, (float(error), float(null))  # changed by quantization, still the same model
 
 
 def test_rtn_needs_no_calibration(tiny, tmp_path):

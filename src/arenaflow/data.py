@@ -168,8 +168,8 @@ def canonicalize(frame: pd.DataFrame, path: Path, group_column: str | None = Non
             raise DataError(f"{_where(path, i, None, ids.iat[i])}, columns {list(SOFT_COLUMNS)}: "
                             f"soft labels must be in [0, 1] and sum to 1, got {soft[i].tolist()}")
 
-    keys = frame[group_column].astype(str) if group_column else out["prompt"].map(json.dumps)
-    out["group"] = path.name + ":" + keys
+    keys = frame[group_column] if group_column else out["prompt"].map(json.dumps)
+    out["group"] = path.name + ":" + keys.astype(str)  # astype: an empty frame's mapped column is float
     out["swapped"] = False
     return out[list(CANONICAL) + [c for c in out.columns if c not in CANONICAL]]
 

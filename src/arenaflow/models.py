@@ -15,6 +15,7 @@ Every resolved checkpoint has a tokenizer whose "A", "B", "tie" are single token
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -42,6 +43,16 @@ def read_config(checkpoint: Path | str) -> dict:
         return json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ModelError(f"{checkpoint}: no readable config.json ({e})") from None
+
+
+def checkpoint_digest(checkpoint: Path | str) -> str:
+    """sha256 over every file of a checkpoint (relative name and content): two folders score alike only if
+    this matches, whatever their path (resumable work keys on it, not on where the model lies)."""
+    root, total = Path(checkpoint), hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        with path.open("rb") as f:
+            total.update(f"{path.relative_to(root).as_posix()}\0{hashlib.file_digest(f, 'sha256').hexdigest()}\n".encode())
+    return total.hexdigest()
 
 
 def compressed_weights(config: dict) -> list[dict]:
@@ -214,19 +225,6 @@ def build_architecture(arch: str) -> Path:
                               max_position_embeddings=8192, rope_theta=500000.0)
 
 
-def content_digest(folder: Path) -> str:
-    """sha256 over a checkpoint folder's files (names and bytes, in name order)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for file in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(folder)).encode())
-        with file.open("rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def dense_checkpoint(checkpoint: Path) -> Path:
     """A checkpoint training can start from: itself, or for a compressed-tensors one (a registered W4A16 /
     W8A16 version) its weights dequantized into a plain checkpoint of the same architecture, cached by the
@@ -236,7 +234,7 @@ def dense_checkpoint(checkpoint: Path) -> Path:
     config = read_config(checkpoint)
     if not compressed_weights(config):
         return checkpoint
-    out = cache_dir() / "models" / f"dense-{content_digest(checkpoint)[:16]}"
+    out = cache_dir() / "models" / f"dense-{checkpoint_digest(checkpoint)[:16]}"
     if (out / "config.json").exists():
         return out
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

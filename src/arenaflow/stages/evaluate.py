@@ -21,8 +21,8 @@ from .runs import checkpoint_precision, stage_run
 def run(recipe: Recipe, input: str = "", model: str = "") -> dict[str, float]:
     """Score labelled rows with a model; log log_loss & co (against the version's MLflow Model and the
     evaluation dataset when the model is a registered version), plots, predictions."""
+    train, rows = evaluation_rows(recipe, input)  # unlabelled rows are refused before any model is resolved
     ref = resolve_model_ref(model, recipe)
-    train, rows = evaluation_rows(recipe, input)
     labels = rows["label"].to_numpy()
     with stage_run(recipe, "evaluate", model=ref.uri,
                    precision=checkpoint_precision(ref.checkpoint, recipe.engine.dtype)) as run:

@@ -11,6 +11,7 @@ import pandas as pd
 
 from ..data import read_prepared
 from ..metrics import speed_metrics
+from ..models import checkpoint_digest
 from ..plan import planned_speed
 from ..recipe import Recipe
 from ..scoring import ShardPredictor, open_scorer, predict, predict_in_shards
@@ -34,7 +35,7 @@ def run(recipe: Recipe, input: str, output: str = "submission.csv", model: str =
                    precision=checkpoint_precision(ref.checkpoint, recipe.engine.dtype)) as run:
         dataset = log_rows_dataset(rows, source=input, name="infer-input", context="inference")
         manifest = {"input": str(input), "input_digest": dataset.digest, "rows": len(rows), "model": ref.uri,
-                    "version": ref.version, "checkpoint": str(ref.checkpoint) if not ref.version else None,
+                    "version": ref.version, "checkpoint_sha256": checkpoint_digest(ref.checkpoint),  # not its path
                     "calibration": ref.calibrator.to_dict(),
                     "prompt": dataclasses.asdict(recipe.prompt), "engine": dataclasses.asdict(recipe.engine)}
         # The engine is started by the first shard that needs one (on Ray: one run over every row left).
