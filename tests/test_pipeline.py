@@ -68,7 +68,7 @@ def test_stages_read_a_datagen_output(store, recipe):
 def test_evaluate_refuses_an_unlabelled_file_before_any_model_loads(store, tmp_path, capsys, monkeypatch):
     frame = pd.read_csv(PANDALM).head(5)[["id", "prompt", "response_a", "response_b"]]
     frame.to_csv(tmp_path / "test.csv", index=False)
-    monkeypatch.setattr(pipeline, "resolve_model_ref", lambda *a: pytest.fail("a model was resolved"))
+    monkeypatch.setattr(evaluate, "resolve_model_ref", lambda *a: pytest.fail("a model was resolved"))
     assert cli.main(["evaluate", "--recipe", RECIPE, *TINY_SET, "--input", str(tmp_path / "test.csv")]) == 2
     assert f"{tmp_path / 'test.csv'}: evaluate needs labelled rows" in capsys.readouterr().err
 
@@ -250,27 +250,6 @@ def test_finetune_then_quantize_registers_a_tagged_version(store, recipe, tmp_pa
     assert ref.calibrator.method == ("none" if dropped else "vector") == run.data.params["calibrator.method"]
     config = json.loads((ref.checkpoint / "config.json").read_text())
     assert config["quantization_config"]["format"] == "pack-quantized"
-
-
-def test_main_reuses_only_finished_runs_with_same_params_and_commit(store):
-    client = MlflowClient()
-    experiment = client.create_experiment("reuse")
-
-    def run(params, commit="abc", status="FINISHED"):
-        created = client.create_run(experiment, tags={"mlflow.project.entryPoint": "datagen",
-                                                      "mlflow.source.git.commit": commit})
-        for key, value in params.items():
-            client.log_param(created.info.run_id, key, value)
-        client.set_terminated(created.info.run_id, status=status)
-        return created.info.run_id
-
-    wanted = {"recipe": "experiments/cpu-smollm2.yaml", "overrides": ""}
-    run(wanted, commit="old")
-    run(wanted, status="FAILED")
-    run({**wanted, "overrides": "train.epochs=2"})
-    assert pipeline._finished_run("datagen", wanted, "abc", experiment) is None
-    same = run(wanted)
-    assert pipeline._finished_run("datagen", wanted, "abc", experiment).info.run_id == same
 
 
 def test_evaluate_scores_every_row_of_an_explicit_file(store, recipe, tmp_path, tiny_checkpoint):
