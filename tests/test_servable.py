@@ -74,6 +74,9 @@ def test_mlflow_models_serve_answers_and_refuses_bad_rows(champion, tmp_path):
         answer = pd.DataFrame(body["predictions"])
         assert list(answer["id"]) == list(rows["id"])
         np.testing.assert_allclose(answer[["winner_model_a", "winner_model_b", "winner_tie"]].sum(axis=1), 1.0, atol=1e-9)
+        # the served model is the pyfunc one, stored stacker applied (test_stored_calibration checks pyfunc's)
+        in_process = mlflow.pyfunc.load_model(CHAMPION).predict(rows)
+        np.testing.assert_allclose(answer.iloc[:, 1:].to_numpy(), in_process.iloc[:, 1:].to_numpy(), atol=1e-5, rtol=0)
 
         missing = rows.drop(columns=["response_b"]).to_dict(orient="split", index=False)
         status, body = _post(f"{url}/invocations", {"dataframe_split": missing})

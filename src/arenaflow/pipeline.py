@@ -13,7 +13,7 @@ import pandas as pd
 from . import data as data_mod
 from . import registry
 from .bench import bench_stage
-from .calibration import Calibrator, cross_fit
+from .calibration import CHOICE_RULE, check_method, cross_fit
 from .data import evaluation_rows, fetch_artifacts, load_split, log_rows_dataset, recipe_split, subsample
 from .datagen.stage import generate_dataset
 from .metrics import ROWS_KAGGLE_TEST, preference_metrics, reference_log_losses, save_plots, speed_metrics
@@ -76,8 +76,8 @@ def evaluate(recipe: Recipe, input: str = "", model: str = "") -> dict[str, floa
         probs = result.probs
         if ref.calibrator.method != "none" and ref.calibrator.dataset_digest == dataset.digest:
             # The calibrator was fitted on these very rows: report it cross-fitted, as quantize did.
-            probs = cross_fit(ref.calibrator.method, result.probs_uncalibrated, labels, rows, recipe.calibration.folds,
-                              recipe.data.seed, result.probs_swapped)[1]
+            probs = cross_fit(ref.calibrator.chosen_from or ref.calibrator.method, result.probs_uncalibrated, labels,
+                              rows, recipe.calibration.folds, recipe.data.seed, result.probs_swapped).grouped
             mlflow.set_tag("calibration_figure", "cross-fitted: the calibrator was fitted on this dataset")
         figures = preference_metrics(probs, labels)
         if result.probs_uncalibrated is not None:  # what calibration buys, on the same rows
@@ -213,6 +213,7 @@ def quantize(recipe: Recipe, adapter: str, data: str = "") -> str:
     rows (its figure cross-fitted), register the result as a new version (an MLflow Model whose metrics
     are those figures on the valid dataset). Returns the version."""
     check_quant_config(recipe.quant)  # before merging, not after
+    check_method(recipe.calibration.method)
     base = resolve_model(recipe.model.base)
     train, valid = load_split(data, recipe)
     valid = subsample(valid, recipe.train.max_valid_rows, recipe.data.seed)
@@ -234,17 +235,13 @@ def quantize(recipe: Recipe, adapter: str, data: str = "") -> str:
         figures["quant_log_loss_delta"] = figures["log_loss"] - merged_figures["log_loss"]
         figures["merged_size_mb"] = checkpoint_size_bytes(merged) / 2**20
         figures["quantized_size_mb"] = checkpoint_size_bytes(chosen.checkpoint) / 2**20
-        calibrator, held_out, folds = cross_fit(recipe.calibration.method, chosen.result.probs, labels, valid,
-                                                recipe.calibration.folds, recipe.data.seed, chosen.result.probs_swapped)
+        fitted = cross_fit(recipe.calibration.method, chosen.result.probs, labels, valid, recipe.calibration.folds,
+                           recipe.data.seed, chosen.result.probs_swapped)
+        calibrator = fitted.selection.calibrator
         calibrator.dataset_digest = dataset.digest  # evaluate cross-fits again on these very rows
-        figures["calibrated_log_loss"] = preference_metrics(held_out, labels)["log_loss"]  # out of fold
-        if figures["calibrated_log_loss"] > figures["log_loss"]:
-            # It does not transfer across the folds (on gpu-smollm2 leave-one-source-out took 0.943 to 0.995):
-            # a calibrator that makes unseen rows worse is not stored.
-            mlflow.set_tag("calibration_dropped", f"{recipe.calibration.method} out of fold "
-                           f"{figures['calibrated_log_loss']:.4f} > {figures['log_loss']:.4f} uncalibrated")
-            calibrator = Calibrator()
-        mlflow.log_params({**calibrator.params(), "calibrator.folds_by": folds})
+        figures.update(fitted.figures(labels))  # the stored choice's figures are nested: out of fold
+        mlflow.set_tags({"calibration_rule": CHOICE_RULE, "calibration_choice": fitted.summary()})
+        mlflow.log_params(calibrator.params())
         mlflow.log_dict(calibrator.to_dict(), "calibration.json")
         version = registry.register_model(
             chosen.checkpoint, recipe.registry.model_name, recipe, example=valid.head(3), calibrator=calibrator,
@@ -254,12 +251,12 @@ def quantize(recipe: Recipe, adapter: str, data: str = "") -> str:
             description=(f"{recipe.model.base} finetuned by recipe {recipe.name}, merged in "
                          f"{recipe.quant.merge_dtype}, quantized {chosen.scheme} ({chosen.note}). Valid log_loss "
                          f"{figures['log_loss']:.4f} (merged {merged_figures['log_loss']:.4f}; calibrated "
-                         f"{figures['calibrated_log_loss']:.4f} out of fold by {folds})."))
+                         f"{figures['calibrated_log_loss']:.4f} out of fold, {calibrator.method} calibration)."))
         registry.log_version_metrics(recipe.registry.model_name, version.version, figures, dataset)
         mlflow.set_tags({"registered_version": str(version.version), "quantization_choice": chosen.note})
         print(f"quantize: {chosen.scheme} log_loss={figures['log_loss']:.4f} (merged {merged_figures['log_loss']:.4f}, "
-              f"delta {figures['quant_log_loss_delta']:+.4f}; {chosen.note}); {recipe.calibration.method} "
-              f"calibration {figures['calibrated_log_loss']:.4f} out of fold; registered "
+              f"delta {figures['quant_log_loss_delta']:+.4f}; {chosen.note}); calibration {fitted.summary()}; "
+              f"{figures['calibrated_log_loss']:.4f} out of fold; registered "
               f"{recipe.registry.model_name} v{version.version} (run {run.info.run_id})")
         return str(version.version)
 
@@ -300,6 +297,7 @@ def _step(entry_point: str, parameters: dict, git_commit: str, experiment_id: st
 
 def main(recipe: Recipe, overrides: list[str] | None = None, infer_input: str = "data/sample_test.csv") -> None:
     """datagen -> finetune -> quantize -> evaluate -> promote -> infer, each a nested MLflow run."""
+    check_method(recipe.calibration.method)  # before finetuning, not after
     common = {"recipe": recipe.path or "", "overrides": " ".join(overrides or [])}
     with stage_run(recipe, "main") as parent:
         experiment_id, commit = parent.info.experiment_id, git_commit()
@@ -325,7 +323,8 @@ def main(recipe: Recipe, overrides: list[str] | None = None, infer_input: str = 
             "quant_log_loss_delta": quantize_run.data.metrics["quant_log_loss_delta"],
             "samples_per_s": infer_run.data.metrics.get("samples_per_s", float("nan")),
         })
-        mlflow.set_tags({"registered_version": version, "promotion": promote_run.data.tags.get("decision", "")})
+        mlflow.set_tags({"registered_version": version, "promotion": promote_run.data.tags.get("decision", ""),
+                         "calibration_choice": quantize_run.data.tags.get("calibration_choice", "")})
         print(f"main: base zero-shot log_loss {ft['base_log_loss']:.4f} -> finetuned {ft['log_loss']:.4f} -> "
               f"{recipe.quant.scheme} {ev['log_loss']:.4f} (length baseline {ev['length_baseline_log_loss']:.4f}); "
               f"{recipe.registry.model_name} v{version}: {promote_run.data.tags.get('decision', '')}")
