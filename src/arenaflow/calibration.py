@@ -184,7 +184,8 @@ def fit(method: str, probs: np.ndarray, labels: np.ndarray, rows: pd.DataFrame |
         return _nll(calibrated, labels), np.array(grad)
 
     start = np.zeros(3 if method == "vector" else 1)
-    best = minimize(loss, start, jac=True, method="L-BFGS-B")
+    # log T bounded (T in [0.02, 55]): the line search must not try T = 0 or inf on a degenerate fold
+    best = minimize(loss, start, jac=True, method="L-BFGS-B", bounds=[(-4.0, 4.0)] + [(None, None)] * (len(start) - 1))
     theta = best.x if best.fun <= loss(start)[0] else start  # never worse than the identity on its own rows
     t, b = unpack(theta)
     return Calibrator(method, temperature=t, bias=b.tolist())
