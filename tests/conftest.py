@@ -12,6 +12,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from arenaflow.calibration import Calibrator
 from arenaflow.stages import evaluate, promote, registry, runs as tracking
 from arenaflow.data import load_rows
 from arenaflow.models import resolve_model
@@ -137,15 +138,21 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+# The champion's stored calibration: a stacker on [log p (3), the length features (4)] that moves every
+# row (longer A -> A, longer B -> B), so that a path which forgets to apply it scores visibly otherwise.
+CHAMPION_STACKER = Calibrator("stacker", coef=[[1, 0, 0, 0, 0, 2, 0], [0, 1, 0, 0, 0, -2, 0], [0, 0, 1, 0, 0, 0, -1]],
+                              intercept=[0.0, 0.0, 0.0])
+
+
 @pytest.fixture(scope="module")
 def champion(module_store, tiny_checkpoint):
-    """The tiny checkpoint registered, evaluated and promoted once per module (in `module_store`):
-    models:/arenaflow@champion exists."""
+    """The tiny checkpoint registered with CHAMPION_STACKER, evaluated and promoted once per module (in
+    `module_store`): models:/arenaflow@champion exists."""
     recipe = load_recipe(RECIPE, TINY)
     with stage_run(recipe, "quantize", model="tiny:llama"):
         rows = load_rows(PANDALM).head(3)
         version = str(registry.register_model(tiny_checkpoint, recipe.registry.model_name, recipe, rows,
-                                              tags={"quantization": "none"}).version)
+                                              tags={"quantization": "none"}, calibrator=CHAMPION_STACKER).version)
     evaluate.run(recipe, model=f"models:/{recipe.registry.model_name}/{version}")
     assert promote.run(recipe, version).promoted
     return version

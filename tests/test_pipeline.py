@@ -19,8 +19,9 @@ from mlflow import MlflowClient
 from conftest import MTBENCH, PANDALM, RECIPE, ROOT, TINY
 
 from arenaflow import cli
-from arenaflow.stages import evaluate, finetune, infer, quantize, registry
+from arenaflow.calibration import CHOICE_RULE, METHODS
 from arenaflow.data import load_rows
+from arenaflow.stages import evaluate, finetune, infer, quantize, registry
 from arenaflow.stages.datasets import fetch_artifacts
 from arenaflow.recipe import load_recipe
 from arenaflow.stages.runs import stage_run
@@ -223,7 +224,7 @@ def test_finetune_then_quantize_registers_a_tagged_version(store, recipe, tmp_pa
     small = load_recipe(ROOT / "experiments" / "cpu-smollm2.yaml",
                         TINY + ["train.max_train_rows=8", "train.batch_size=4", "train.gradient_accumulation_steps=1",
                                 "quant.method=rtn", "quant.scheme=W4A16", "quant.group_size=32", "train.load_in_4bit=false",
-                                "engine.swap_tta=true", "quant.max_log_loss_delta=null", "calibration.method=vector"])
+                                "engine.swap_tta=true", "quant.max_log_loss_delta=null", "calibration.method=auto"])
     real_score_rows, tta_per_call = quantize.score_rows, []
 
     def recording_score_rows(checkpoint, recipe, rows):
@@ -242,12 +243,18 @@ def test_finetune_then_quantize_registers_a_tagged_version(store, recipe, tmp_pa
     assert mv.tags["quantization"] == "W4A16" and "Valid log_loss" in mv.description
     on_model = {m.key for m in mlflow.get_logged_model(mv.source.removeprefix("models:/")).metrics}
     assert {"log_loss", "merged_log_loss", "quant_log_loss_delta", "calibrated_log_loss"} <= on_model
-    # the calibrator travels with the version (evaluate and infer apply it), unless it made held-out rows worse
+    # auto: every candidate cross-fitted both ways and logged; the stored one is the rule's choice
     ref = registry.resolve_model_ref(f"models:/{small.registry.model_name}/{version}", small)
     run = MlflowClient().get_run(mv.run_id)
-    dropped = "calibration_dropped" in run.data.tags
-    assert (run.data.metrics["calibrated_log_loss"] > run.data.metrics["log_loss"]) == dropped
-    assert ref.calibrator.method == ("none" if dropped else "vector") == run.data.params["calibrator.method"]
+    worse = {m: max(run.data.metrics[f"calibration.{m}.{kind}_log_loss"] for kind in ("grouped", "by_source"))
+             for m in METHODS if f"calibration.{m}.grouped_log_loss" in run.data.metrics}
+    assert set(worse) >= {"none", "temperature", "vector", "shrinkage"}
+    assert ref.calibrator.method == min(worse, key=worse.get) == run.data.params["calibrator.method"]
+    assert ref.calibrator.chosen_from == "auto" and run.data.tags["calibration_rule"] == CHOICE_RULE
+    assert run.data.tags["calibration_choice"].startswith(f"{ref.calibrator.method} chosen")
+    # evaluate on the very rows it was fitted on reports the same nested figure
+    figures = evaluate.run(small, model=f"models:/{small.registry.model_name}/{version}")
+    assert abs(figures["log_loss"] - run.data.metrics["calibrated_log_loss"]) < 1e-6
     config = json.loads((ref.checkpoint / "config.json").read_text())
     assert config["quantization_config"]["format"] == "pack-quantized"
 

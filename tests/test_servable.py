@@ -160,6 +160,9 @@ def test_serve_answers_ids_as_given_and_refuses_bad_rows(server):
     answer = pd.DataFrame(body["predictions"])
     assert answer["id"].tolist() == rows["id"].tolist() and all(type(i) is int for i in answer["id"])
     np.testing.assert_allclose(answer[PROBS].sum(axis=1), 1.0, atol=1e-9)
+    # the served model is the pyfunc one, stored stacker applied (test_stored_calibration checks pyfunc's)
+    in_process = mlflow.pyfunc.load_model(CHAMPION).predict(rows)
+    np.testing.assert_allclose(answer[PROBS].to_numpy(), in_process[PROBS].to_numpy(), atol=1e-5, rtol=0)
     status, body = post(server, split(rows.astype({"id": str})))
     assert status == 200 and pd.DataFrame(body["predictions"])["id"].tolist() == [str(i) for i in rows["id"]], body
 

@@ -93,8 +93,8 @@ class QuantConfig:
 
 @dataclass
 class CalibrationConfig:
-    method: str = "vector"  # none, temperature, vector (temperature + class biases), stacker (calibration.py)
-    folds: int = 5  # cross-fitting folds when validation rows come from one source (else one per source)
+    method: str = "auto"  # auto (every candidate, chosen by cross-fitted figures) or one of calibration.METHODS
+    folds: int = 5  # grouped cross-fitting folds (prompt groups, within sources)
 
 
 @dataclass

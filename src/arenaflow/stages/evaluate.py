@@ -31,10 +31,11 @@ def run(recipe: Recipe, input: str = "", model: str = "") -> dict[str, float]:
         with scorer:
             result = predict(scorer, builder, rows, recipe.engine.swap_tta, calibrator=ref.calibrator)
         probs = result.probs
-        if ref.calibrator.method != "none" and ref.calibrator.dataset_digest == dataset.digest:
-            # The calibrator was fitted on these very rows: report it cross-fitted, as quantize did.
-            probs = cross_fit(ref.calibrator.method, result.probs_uncalibrated, labels, rows, recipe.calibration.folds,
-                              recipe.data.seed, result.probs_swapped)[1]
+        if ref.calibrator.dataset_digest == dataset.digest:
+            # The calibrator was chosen and fitted on these very rows: report the choice cross-fitted, as quantize did.
+            raw = result.probs if result.probs_uncalibrated is None else result.probs_uncalibrated  # none chosen
+            probs = cross_fit(ref.calibrator.chosen_from or ref.calibrator.method, raw, labels, rows,
+                              recipe.calibration.folds, recipe.data.seed, result.probs_swapped).grouped
             mlflow.set_tag("calibration_figure", "cross-fitted: the calibrator was fitted on this dataset")
         figures = preference_metrics(probs, labels)
         if result.probs_uncalibrated is not None:  # what calibration buys, on the same rows

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlflow
 
+from ..calibration import check_method
 from ..recipe import Recipe
 from ..step_identity import changed, code_version, step_inputs, step_key
 from . import registry
@@ -54,6 +55,7 @@ def _step(entry_point: str, parameters: dict, inputs: dict[str, str], experiment
 def run(recipe: Recipe, overrides: list[str] | None = None, infer_input: str = "data/sample_test.csv") -> None:
     """datagen -> finetune -> quantize -> evaluate -> promote -> infer, each a nested MLflow run; a step
     whose inputs are unchanged since a finished run of it is reused (`_step`)."""
+    check_method(recipe.calibration.method)  # before finetuning, not after
     common = {"recipe": recipe.path or "", "overrides": " ".join(overrides or [])}
     root = project_root()
     files = [root / f for f in [*recipe.data.files, *([recipe.generate.prompts_file] if recipe.generate.prompts_file else [])]]
@@ -91,7 +93,8 @@ def run(recipe: Recipe, overrides: list[str] | None = None, infer_input: str = "
             "quant_log_loss_delta": quantize_run.data.metrics["quant_log_loss_delta"],
             "samples_per_s": infer_run.data.metrics.get("samples_per_s", float("nan")),
         })
-        mlflow.set_tags({"registered_version": version, "promotion": promote_run.data.tags.get("decision", "")})
+        mlflow.set_tags({"registered_version": version, "promotion": promote_run.data.tags.get("decision", ""),
+                         "calibration_choice": quantize_run.data.tags.get("calibration_choice", "")})
         print(f"main: base zero-shot log_loss {ft['base_log_loss']:.4f} -> finetuned {ft['log_loss']:.4f} -> "
               f"{recipe.quant.scheme} {ev['log_loss']:.4f} (length baseline {ev['length_baseline_log_loss']:.4f}); "
               f"{recipe.registry.model_name} v{version}: {promote_run.data.tags.get('decision', '')}")

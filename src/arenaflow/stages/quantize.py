@@ -9,7 +9,7 @@ from pathlib import Path
 
 import mlflow
 
-from ..calibration import Calibrator, cross_fit
+from ..calibration import CHOICE_RULE, check_method, cross_fit
 from ..data import subsample
 from ..metrics import preference_metrics, speed_metrics
 from ..models import load_tokenizer
@@ -30,6 +30,7 @@ def run(recipe: Recipe, adapter: str, data: str = "") -> str:
     rows (its figure cross-fitted), register the result as a new version (an MLflow Model whose metrics
     are those figures on the valid dataset). Returns the version."""
     check_quant_config(recipe.quant)  # before merging, not after
+    check_method(recipe.calibration.method)
     base = training_base(recipe)
     train, valid = load_split(data, recipe)
     valid = subsample(valid, recipe.train.max_valid_rows, recipe.data.seed)
@@ -56,17 +57,13 @@ def run(recipe: Recipe, adapter: str, data: str = "") -> str:
         figures["quant_log_loss_delta"] = figures["log_loss"] - merged_figures["log_loss"]
         figures["merged_size_mb"] = checkpoint_size_bytes(merged) / 2**20
         figures["quantized_size_mb"] = checkpoint_size_bytes(chosen.checkpoint) / 2**20
-        calibrator, held_out, folds = cross_fit(recipe.calibration.method, chosen.result.probs, labels, valid,
-                                                recipe.calibration.folds, recipe.data.seed, chosen.result.probs_swapped)
+        fitted = cross_fit(recipe.calibration.method, chosen.result.probs, labels, valid, recipe.calibration.folds,
+                           recipe.data.seed, chosen.result.probs_swapped)
+        calibrator = fitted.selection.calibrator
         calibrator.dataset_digest = dataset.digest  # evaluate cross-fits again on these very rows
-        figures["calibrated_log_loss"] = preference_metrics(held_out, labels)["log_loss"]  # out of fold
-        if figures["calibrated_log_loss"] > figures["log_loss"]:
-            # It does not transfer across the folds (on gpu-smollm2 leave-one-source-out took 0.943 to 0.995):
-            # a calibrator that makes unseen rows worse is not stored.
-            mlflow.set_tag("calibration_dropped", f"{recipe.calibration.method} out of fold "
-                           f"{figures['calibrated_log_loss']:.4f} > {figures['log_loss']:.4f} uncalibrated")
-            calibrator = Calibrator()
-        mlflow.log_params({**calibrator.params(), "calibrator.folds_by": folds})
+        figures.update(fitted.figures(labels))  # the stored choice's figures are nested: out of fold
+        mlflow.set_tags({"calibration_rule": CHOICE_RULE, "calibration_choice": fitted.summary()})
+        mlflow.log_params(calibrator.params())
         mlflow.log_dict(calibrator.to_dict(), "calibration.json")
         version = registry.register_model(
             chosen.checkpoint, recipe.registry.model_name, recipe, example=valid.head(3), calibrator=calibrator,
@@ -76,11 +73,11 @@ def run(recipe: Recipe, adapter: str, data: str = "") -> str:
             description=(f"{recipe.model.base} finetuned by recipe {recipe.name}, merged in "
                          f"{recipe.quant.merge_dtype}, quantized {chosen.scheme} ({chosen.note}). Valid log_loss "
                          f"{figures['log_loss']:.4f} (merged {merged_figures['log_loss']:.4f}; calibrated "
-                         f"{figures['calibrated_log_loss']:.4f} out of fold by {folds})."))
+                         f"{figures['calibrated_log_loss']:.4f} out of fold, {calibrator.method} calibration)."))
         registry.log_version_metrics(recipe.registry.model_name, version.version, figures, dataset)
         mlflow.set_tags({"registered_version": str(version.version), "quantization_choice": chosen.note})
         print(f"quantize: {chosen.scheme} log_loss={figures['log_loss']:.4f} (merged {merged_figures['log_loss']:.4f}, "
-              f"delta {figures['quant_log_loss_delta']:+.4f}; {chosen.note}); {recipe.calibration.method} "
-              f"calibration {figures['calibrated_log_loss']:.4f} out of fold; registered "
+              f"delta {figures['quant_log_loss_delta']:+.4f}; {chosen.note}); calibration {fitted.summary()}; "
+              f"{figures['calibrated_log_loss']:.4f} out of fold; registered "
               f"{recipe.registry.model_name} v{version.version} (run {run.info.run_id})")
         return str(version.version)
