@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ArenaflowError
 from .models import LABEL_WORDS, read_config
 from .recipe import EngineConfig
 
@@ -39,7 +40,7 @@ BACKENDS = ("vllm", "vllm-classify", "transformers", "transformers-naive")
 NAIVE_BATCH_SIZE = 8
 
 
-class ScoringError(ValueError):
+class ScoringError(ArenaflowError, ValueError):
     """A prompt, engine setting or checkpoint that the scorer cannot work with."""
 
 

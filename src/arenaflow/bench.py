@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ArenaflowError
 from .hardware import card_name, free_gpu_memory, gpu_count, measured_matmul_tflops
 from .plan import model_dims
 from .recipe import EngineConfig, Recipe
@@ -32,7 +33,7 @@ from .recipe import EngineConfig, Recipe
 DEFAULT_ENGINES = ("vllm", "vllm-classify", "transformers", "transformers-naive")
 
 
-class BenchError(ValueError):
+class BenchError(ArenaflowError, ValueError):
     """A bench request that cannot be run (bad engine spec, unknown random architecture)."""
 
 

@@ -20,13 +20,14 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
+from .errors import ArenaflowError
 from .metrics import length_features
 
 METHODS = ("none", "temperature", "vector", "stacker")
 EPS = 1e-12
 
 
-class CalibrationError(ValueError):
+class CalibrationError(ArenaflowError, ValueError):
     """A calibration method or stored calibrator that cannot be used."""
 
 

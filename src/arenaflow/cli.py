@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .errors import ArenaflowError
 from .metrics import ROWS_KAGGLE_TEST
-from .recipe import RecipeError, load_recipe
+from .recipe import load_recipe
 
 DEFAULT_RECIPE = "experiments/cpu-smollm2.yaml"
 
@@ -87,37 +88,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ArenaflowError, FileNotFoundError) as err:
+        print(f"arenaflow {args.verb}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.verb == "ui":  # needs no recipe
         from .ui import serve
 
         return serve(args.tracking_uri or None, port=args.port)
-    from . import pipeline
-    from .backends import ScoringError
-    from .bench import BenchError
-    from .data import DataError
-    from .models import ModelError
-    from .plan import PlanError
-    from .prompts import PromptError
-    from .quantize import QuantizeError
-    from .registry import RegistryError
-    from .train import TrainError
+    recipe = load_recipe(args.recipe, args.overrides)  # a typo fails here, before the slow imports below
+    from . import pipeline  # imports mlflow and torch: `--help` and a bad recipe should not wait for them
 
-    stages = {  # verb -> stage (imported here: pipeline imports mlflow and torch, `--help` should not wait)
+    stages = {
         "datagen": pipeline.datagen, "finetune": pipeline.finetune, "quantize": pipeline.quantize,
         "evaluate": pipeline.evaluate, "promote": pipeline.promote, "infer": pipeline.infer,
         "main": pipeline.main, "bench": pipeline.bench, "plan": pipeline.plan,
     }
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        handler = stages[args.verb]
-        kwargs = {k: v for k, v in vars(args).items() if k not in ("verb", "recipe", "overrides")}
-        if args.verb == "main":
-            kwargs["overrides"] = args.overrides  # handed down to every step
-        handler(recipe, **kwargs)
-    except (RecipeError, DataError, ModelError, PromptError, RegistryError, ScoringError, BenchError, PlanError,
-            QuantizeError, TrainError, FileNotFoundError) as err:
-        print(f"arenaflow {args.verb}: error: {err}", file=sys.stderr)
-        return 2
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("verb", "recipe", "overrides")}
+    if args.verb == "main":
+        kwargs["overrides"] = args.overrides  # handed down to every step
+    stages[args.verb](recipe, **kwargs)
     return 0
 
 

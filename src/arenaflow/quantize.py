@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from arenaflow.errors import ArenaflowError
 from arenaflow.hardware import free_gpu_memory
 from arenaflow.models import publish_dir, save_checkpoint, temp_dir_beside
 from arenaflow.recipe import QuantConfig
@@ -39,7 +40,7 @@ AUTOAWQ_REFUSAL = (
 )
 
 
-class QuantizeError(ValueError):
+class QuantizeError(ArenaflowError, ValueError):
     """A merge/quantization request that cannot be carried out (bad scheme, group size, inputs)."""
 
 

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import yaml
 
+from .errors import ArenaflowError
 
-class RecipeError(ValueError):
+
+class RecipeError(ArenaflowError, ValueError):
     """A recipe file or override that does not match the dataclasses below."""
 
 

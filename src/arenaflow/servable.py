@@ -23,6 +23,7 @@ from mlflow.types import ColSpec, Schema
 
 from .calibration import Calibrator
 from .data import DataError, canonicalize
+from .errors import ArenaflowError
 from .models import LABEL_WORDS
 from .recipe import EngineConfig, ModelConfig, PromptConfig, Recipe
 from .scoring import open_scorer, predict
@@ -37,7 +38,7 @@ _LOADED: weakref.WeakSet = weakref.WeakSet()  # models loaded in this process: `
 _LENT: list = []  # (Scorer, PromptBuilder) already open on the checkpoint being logged (`log_model`'s `scorer`)
 
 
-class RequestError(MlflowException):
+class RequestError(ArenaflowError, MlflowException):
     """A request the model cannot score: the serving layer answers it with HTTP 400."""
 
     def __init__(self, message: str):

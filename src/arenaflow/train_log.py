@@ -9,10 +9,12 @@ import sys
 import time
 from collections.abc import Callable
 
+from .errors import ArenaflowError
+
 logger = logging.getLogger("arenaflow.train")  # the same logger as train.py
 
 
-class TrainError(ValueError):
+class TrainError(ArenaflowError, ValueError):
     """A training configuration or training table that cannot be used."""
 
 
