@@ -28,7 +28,7 @@ import numpy as np
 from .errors import ArenaflowError
 from .hardware import card_name, free_gpu_memory, gpu_count, measured_matmul_tflops
 from .plan import model_dims
-from .recipe import EngineConfig, Recipe
+from .recipe import ENGINE_BACKENDS, EngineConfig, Recipe
 
 DEFAULT_ENGINES = ("vllm", "vllm-classify", "transformers", "transformers-naive")
 
@@ -51,10 +51,8 @@ def parse_engine_spec(text: str) -> EngineSpec:
     head, *pairs = text.strip().split(":")
     label, _, backend = head.rpartition("=")
     backend = backend.strip()
-    from .backends import BACKENDS
-
-    if backend not in BACKENDS:
-        raise BenchError(f"engine spec {text!r}: backend {backend!r} not in {list(BACKENDS)}")
+    if backend not in ENGINE_BACKENDS:
+        raise BenchError(f"engine spec {text!r}: backend {backend!r} not in {list(ENGINE_BACKENDS)}")
     overrides, model = {}, None
     for pair in pairs:
         key, sep, value = pair.partition("=")

@@ -22,8 +22,8 @@ import pandas as pd
 
 from .errors import ArenaflowError
 from .metrics import length_features
+from .recipe import CALIBRATION_METHODS
 
-METHODS = ("none", "temperature", "vector", "stacker")
 EPS = 1e-12
 
 
@@ -73,7 +73,7 @@ class Calibrator:
                 raise CalibrationError("this stacker reads both A/B orders: score with engine.swap_tta=true")
             x = self.features(probs, rows, probs_swapped if self.swapped else None)
             return _softmax(x @ np.asarray(self.coef).T + np.asarray(self.intercept))
-        raise CalibrationError(f"calibration method {self.method!r}; known: {list(METHODS)}")
+        raise CalibrationError(f"calibration method {self.method!r}; known: {list(CALIBRATION_METHODS)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,8 +81,8 @@ class Calibrator:
     @classmethod
     def from_dict(cls, values: dict | None) -> Calibrator:
         values = dict(values or {})
-        if values.get("method", "none") not in METHODS:
-            raise CalibrationError(f"stored calibration method {values.get('method')!r}; known: {list(METHODS)}")
+        if values.get("method", "none") not in CALIBRATION_METHODS:
+            raise CalibrationError(f"stored calibration method {values.get('method')!r}; known: {list(CALIBRATION_METHODS)}")
         return cls(**values)
 
     def params(self) -> dict[str, float | str]:
@@ -103,8 +103,8 @@ def fit(method: str, probs: np.ndarray, labels: np.ndarray, rows: pd.DataFrame |
     from scipy.optimize import minimize
 
     probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
-    if method not in METHODS:
-        raise CalibrationError(f"calibration.method={method!r}; known: {list(METHODS)}")
+    if method not in CALIBRATION_METHODS:
+        raise CalibrationError(f"calibration.method={method!r}; known: {list(CALIBRATION_METHODS)}")
     if method == "none" or len(labels) == 0:
         return Calibrator()
     if method == "stacker":

@@ -22,7 +22,6 @@ from .metrics import ROWS_KAGGLE_TEST, preference_metrics, reference_log_losses,
 from .models import load_tokenizer, resolve_model
 from .plan import plan_stage, planned_speed
 from .prompts import PromptBuilder
-from .quantize import check_config as check_quant_config
 from .quantize import checkpoint_size_bytes, merge_adapter, quantize_within_bound
 from .recipe import Recipe
 from .registry import resolve_model_ref
@@ -224,7 +223,6 @@ def quantize(recipe: Recipe, adapter: str, data: str = "") -> str:
     log-loss bound (else a fallback scheme, else the merged checkpoint), fit the calibrator on the valid
     rows (its figure cross-fitted), register the result as a new version (an MLflow Model whose metrics
     are those figures on the valid dataset). Returns the version."""
-    check_quant_config(recipe.quant)  # before merging, not after
     base = resolve_model(recipe.model.base)
     train, valid = load_split(data, recipe)
     valid = subsample(valid, recipe.train.max_valid_rows, recipe.data.seed)
