@@ -7,13 +7,17 @@ import sys
 
 from .errors import ArenaflowError
 from .metrics import ROWS_KAGGLE_TEST
-from .recipe import load_recipe
+from .recipe import load_recipe, show
 
 DEFAULT_RECIPE = "experiments/cpu-smollm2.yaml"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, help="YAML recipe under experiments/")
+    _overrides(parser)
+
+
+def _overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override recipe keys (repeatable; space-separated pairs also accepted)")
 
@@ -52,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="rows to score (csv/parquet/jsonl, Kaggle columns)")
     p.add_argument("--output", default="submission.csv", help="submission CSV to write")
     p.add_argument("--model", default="", help="default: models:/<registry.model_name>@<registry.alias>")
+
+    p = verbs.add_parser("recipe", help="recipe tools (no MLflow run)")
+    actions = p.add_subparsers(dest="action", required=True)
+    p = actions.add_parser("show", help="print the resolved recipe (after --set) as YAML, each key under its meaning")
+    p.add_argument("file", help="YAML recipe, e.g. experiments/cpu-smollm2.yaml")
+    _overrides(p)
 
     p = verbs.add_parser("ui", help="MLflow web UI over the tracking store (127.0.0.1; Ctrl-C stops it)")
     p.add_argument("--tracking-uri", default="", help="default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
@@ -100,6 +110,9 @@ def _run(args: argparse.Namespace) -> int:
         from .ui import serve
 
         return serve(args.tracking_uri or None, port=args.port)
+    if args.verb == "recipe":  # show
+        print(show(load_recipe(args.file, args.overrides)), end="")
+        return 0
     recipe = load_recipe(args.recipe, args.overrides)  # a typo fails here, before the slow imports below
     from . import pipeline  # imports mlflow and torch: `--help` and a bad recipe should not wait for them
 

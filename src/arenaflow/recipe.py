@@ -449,7 +449,7 @@ def flatten(recipe: Recipe) -> dict[str, object]:
 def show(recipe: Recipe) -> str:
     """The recipe as YAML that loads back to it, each section and key under its one-line meaning and what it
     takes, from the dataclasses above (`arenaflow recipe show`)."""
-    lines = [f"# {recipe.path or 'built-in defaults'}, resolved: every key under its meaning (src/arenaflow/recipe.py)"]
+    lines = [f"# {recipe.path or 'built-in defaults'}, resolved (after any --set): every key under its meaning (src/arenaflow/recipe.py)"]
     for f in dataclasses.fields(recipe):
         value = getattr(recipe, f.name)
         if dataclasses.is_dataclass(value):
