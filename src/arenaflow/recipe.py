@@ -1,8 +1,11 @@
 """Experiment recipes: YAML files under experiments/ parsed into typed dataclasses.
 
 A recipe has one section per pipeline stage. `load_recipe(path, overrides)` reads the YAML, applies
-`section.key=value` overrides (CLI `--set` / MLproject `-P`), and checks every key and type, so a
-typo fails loudly instead of silently falling back to a default.
+`section.key=value` overrides (CLI `--set` / MLproject `-P`, syntax in overrides.py), and checks every
+key, type and value, so a typo fails loudly before any work instead of silently falling back to a
+default or failing hours later. Each field is declared with `key(default, doc, choices=/within=)`: its
+one-line meaning and allowed values live there and nowhere else (`show` prints them; the stages import
+the allowed sets below).
 """
 
 from __future__ import annotations
