@@ -23,7 +23,7 @@ from arenaflow.bench_train import (
 )
 from arenaflow.models import load_tokenizer, resolve_model
 from arenaflow.prompts import PromptBuilder
-from arenaflow.recipe import PromptConfig, TrainConfig, load_recipe
+from arenaflow.recipe import PromptConfig, RecipeError, TrainConfig, load_recipe
 from arenaflow.train import AnswerCollator, TrainError, answer_examples, build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def test_variant_specs_parse_type_and_refuse():
         variant_config(TrainConfig(), parse_variant("x=no_such_key=1"))
     with pytest.raises(TrainBenchError, match="lever of the project"):
         variant_config(TrainConfig(), parse_variant("b=peft-baseline:padding_free=true"))
-    with pytest.raises(TrainError, match="adapter_dtype"):
+    with pytest.raises(RecipeError, match="train.adapter_dtype: 'float8' is not one of compute"):
         variant_config(TrainConfig(), parse_variant("x=adapter_dtype=float8"))
     with pytest.raises(TrainError, match="optim"):
         variant_config(TrainConfig(), parse_variant("x=optim=sgdd"))

@@ -18,7 +18,7 @@ from arenaflow.datagen import DatagenError, clean, engines, label, respond
 from arenaflow.datagen import dataset as stage
 from arenaflow.stages import datagen as datagen_stage
 from arenaflow.data import CANONICAL, SOFT_COLUMNS, read_prepared
-from arenaflow.recipe import DataConfig, GenerateConfig, PromptConfig, Recipe
+from arenaflow.recipe import DataConfig, GenerateConfig, PromptConfig, Recipe, RecipeError
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -103,8 +103,10 @@ def test_pairs_are_canonical_and_balanced():
 
 
 def test_unknown_mode_is_refused():
-    with pytest.raises(DatagenError, match="unknown mode"):
-        stage.check_modes(["ingest", "respnd"])
+    with pytest.raises(RecipeError, match=r"generate.modes\[1\]: 'respnd' is not one of ingest, respond"):
+        stage.check_modes(GenerateConfig(modes=["ingest", "respnd"]))
+    with pytest.raises(DatagenError, match="generate.modes is empty"):
+        stage.check_modes(GenerateConfig(modes=[]))
 
 
 # --- with the tiny engine -------------------------------------------------------------------------

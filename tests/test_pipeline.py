@@ -109,7 +109,7 @@ def test_refused_quant_and_train_settings_stop_the_cli_with_the_reason(store, ca
     error = capsys.readouterr().err
     assert error.startswith("arenaflow quantize: error: quant.method=autoawq is not supported") and "archived" in error
     assert cli.main(["finetune", "--recipe", RECIPE, "--set", "train.head=regression"]) == 2
-    assert "train.head must be one of" in capsys.readouterr().err
+    assert "train.head: 'regression' is not one of lm, classifier" in capsys.readouterr().err
 
 
 def test_infer_without_champion_says_how_to_make_one(store, capsys):

@@ -20,7 +20,7 @@ from arenaflow.quantize import (  # noqa: E402
     quantize_checkpoint,
     quantize_within_bound,
 )
-from arenaflow.recipe import QuantConfig  # noqa: E402
+from arenaflow.recipe import QuantConfig, RecipeError  # noqa: E402
 from arenaflow.stages.runs import checkpoint_precision  # noqa: E402
 
 TEXTS = [
@@ -166,7 +166,7 @@ def test_scheme_none_copies(tiny, tmp_path):
 
 
 def test_autoawq_is_refused_with_reason(tiny, tmp_path):
-    with pytest.raises(QuantizeError, match="archived upstream.*method=awq"):
+    with pytest.raises(RecipeError, match="archived upstream.*method=awq"):
         quantize_checkpoint(tiny, tmp_path / "x", QuantConfig(method="autoawq"), calibration=[[1, 2, 3]])
     assert not (tmp_path / "x").exists()
 
@@ -179,7 +179,7 @@ def test_bad_group_size_is_refused(tiny, tmp_path, prompts):
 
 
 def test_unknown_scheme_and_missing_calibration(tiny, tmp_path):
-    with pytest.raises(QuantizeError, match="scheme='W3A16' is unknown"):
+    with pytest.raises(RecipeError, match="quant.scheme: 'W3A16' is not one of W4A16, W8A16, none"):
         quantize_checkpoint(tiny, tmp_path / "x", QuantConfig(scheme="W3A16"))
     with pytest.raises(QuantizeError, match="needs calibration"):
         quantize_checkpoint(tiny, tmp_path / "x", QuantConfig(method="awq"), calibration=[])

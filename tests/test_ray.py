@@ -25,7 +25,7 @@ from arenaflow.data import load_rows
 from arenaflow.models import load_tokenizer
 from arenaflow.prompts import PromptBuilder
 from arenaflow.scoring.ray_actors import RETRIES, RayScorer, RowGather, actor_plan
-from arenaflow.recipe import EngineConfig, PromptConfig, load_recipe
+from arenaflow.recipe import EngineConfig, PromptConfig, RecipeError, load_recipe
 from arenaflow.scoring import Scorer, ShardPredictor, predict
 from arenaflow.shards import run_shards
 
@@ -98,7 +98,7 @@ def test_row_gather_refuses_lost_and_twice_returned_rows():
 
 
 def test_ray_settings_are_checked(tiny_checkpoint):
-    with pytest.raises(ScoringError, match="executor"):
+    with pytest.raises(RecipeError, match="engine.executor: 'dask' is not one of local, ray"):
         Scorer(tiny_checkpoint, dataclasses.replace(TRANSFORMERS, executor="dask"))
     with pytest.raises(ScoringError, match="data_parallel_size=1"):
         Scorer(tiny_checkpoint, dataclasses.replace(TRANSFORMERS, executor="ray", data_parallel_size=2))

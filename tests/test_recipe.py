@@ -1,3 +1,4 @@
+import dataclasses
 import re
 import shlex
 from pathlib import Path
@@ -5,8 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from arenaflow import cli
 from arenaflow.cli import build_parser
-from arenaflow.recipe import RecipeError, flatten, load_recipe
+from arenaflow.recipe import SECTIONS, Recipe, RecipeError, flatten, load_recipe
 
 RECIPES = sorted((Path(__file__).parents[1] / "experiments").glob("*.yaml"))
 
@@ -113,3 +115,27 @@ def test_bare_none_stays_a_string_for_plain_str_fields():
 def test_missing_recipe_file_is_a_clear_error(tmp_path):
     with pytest.raises(RecipeError, match="not found"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_show_loads_back_to_the_same_recipe(path, tmp_path, capsys):
+    overrides = ["train.epochs=2 data.files=[a.csv,b.csv] engine.quantization=fp8"]
+    assert cli.main(["recipe", "show", str(path), "--set", *overrides]) == 0
+    shown = capsys.readouterr().out
+    (tmp_path / path.name).write_text(shown)
+    again, expected = load_recipe(tmp_path / path.name), load_recipe(path, overrides)
+    assert dataclasses.asdict(again) | {"path": None} == dataclasses.asdict(expected) | {"path": None}
+    lines = shown.splitlines()
+    keys = [n for n, line in enumerate(lines) if re.match(r"^\s*[a-z_0-9]+: ", line)]
+    assert len(keys) == len(flatten(expected))  # every key, sections aside
+    assert all(lines[n - 1].lstrip().startswith("# ") for n in keys)
+    assert "  # Cross-fitting folds when validation rows come from one source (else one fold per source) [>= 2]\n  folds: 5\n" in shown
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_shipped_recipes_say_why_not_what(path):
+    """A key's meaning lives on its dataclass field; a recipe's comment says why the recipe sets it."""
+    docs = {f.metadata["doc"].lower() for cls in [Recipe, *SECTIONS] for f in dataclasses.fields(cls) if "doc" in f.metadata}
+    comments = {line.strip().lstrip("#").strip().rstrip(".").lower() for line in path.read_text().splitlines()
+                if line.strip().startswith("#")}
+    assert comments & docs == set()

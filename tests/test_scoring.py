@@ -18,7 +18,7 @@ from conftest import VLLM_TEST_ENGINE
 
 from arenaflow.models import load_tokenizer
 from arenaflow.prompts import PromptBuilder
-from arenaflow.recipe import EngineConfig, PromptConfig
+from arenaflow.recipe import EngineConfig, PromptConfig, RecipeError
 from arenaflow.scoring.engines import ScoringError, three_token_probs
 from arenaflow.scoring import Scorer, score, swap_average
 from arenaflow.scoring.parallel import DataParallel
@@ -82,7 +82,7 @@ def test_swap_average_hand_example():
 
 
 def test_unknown_backend_and_cpu_data_parallel_are_refused(tiny_checkpoint):
-    with pytest.raises(ScoringError, match="backend"):
+    with pytest.raises(RecipeError, match="engine.backend: 'onnx' is not one of vllm, vllm-classify"):
         Scorer(tiny_checkpoint, engine("onnx"))
     import torch
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from arenaflow.data import load_rows, subsample
 from arenaflow.models import load_tokenizer, resolve_model
 from arenaflow.prompts import PromptBuilder
-from arenaflow.recipe import PromptConfig, TrainConfig
+from arenaflow.recipe import PromptConfig, RecipeError, TrainConfig
 from arenaflow.scoring.engines import label_probabilities
 from arenaflow.train import (
     IGNORE_INDEX, AnswerCollator, TrainError, answer_token_example, finetune, prepare_training,
@@ -208,7 +208,7 @@ def test_classifier_head_trains_and_merged_model_reads_the_same(tiny, rows, tmp_
 
 
 def test_bad_config_is_refused(tiny, rows, tmp_path):
-    with pytest.raises(TrainError, match="head"):
+    with pytest.raises(RecipeError, match="train.head: 'regression' is not one of lm, classifier"):
         prepare_training(tiny, rows, None, PROMPT, overfit_config(head="regression"), tmp_path)
     with pytest.raises(TrainError, match="no labelled"):
         prepare_training(tiny, rows.assign(label=-1), None, PROMPT, overfit_config(), tmp_path)

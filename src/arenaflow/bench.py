@@ -25,14 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ArenaflowError
 from .hardware import card_name, free_gpu_memory, gpu_count, measured_matmul_tflops
 from .plan import model_dims
-from .recipe import EngineConfig
+from .recipe import ENGINE_BACKENDS, EngineConfig
 
 DEFAULT_ENGINES = ("vllm", "vllm-classify", "transformers", "transformers-naive")
 
 
-class BenchError(ValueError):
+class BenchError(ArenaflowError, ValueError):
     """A bench request that cannot be run (bad engine spec, unknown random architecture)."""
 
 
@@ -50,10 +51,8 @@ def parse_engine_spec(text: str) -> EngineSpec:
     head, *pairs = text.strip().split(":")
     label, _, backend = head.rpartition("=")
     backend = backend.strip()
-    from .scoring.engines import BACKENDS
-
-    if backend not in BACKENDS:
-        raise BenchError(f"engine spec {text!r}: backend {backend!r} not in {list(BACKENDS)}")
+    if backend not in ENGINE_BACKENDS:
+        raise BenchError(f"engine spec {text!r}: backend {backend!r} not in {list(ENGINE_BACKENDS)}")
     overrides, model = {}, None
     for pair in pairs:
         key, sep, value = pair.partition("=")

@@ -25,9 +25,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
+from .errors import ArenaflowError
 from .metrics import length_features
+from .recipe import CALIBRATION_METHODS
 
-METHODS = ("none", "temperature", "vector", "shrinkage", "stacker")  # simplest first: ties go to the earlier
+METHODS = CALIBRATION_METHODS  # simplest first: ties go to the earlier
 CHOICES = ("auto", *METHODS)
 CHOICE_RULE = ("the candidate with the lowest worse-of-two cross-fitted log-loss (grouped folds within "
                "sources; leave-one-source-out when the rows come from 2+ sources); ties go to the simpler")
@@ -35,7 +37,7 @@ STACKER_C = 0.1  # L2 strength on standardised features: ~50 rows per fold, 7-10
 EPS = 1e-12
 
 
-class CalibrationError(ValueError):
+class CalibrationError(ArenaflowError, ValueError):
     """A calibration method or stored calibrator that cannot be used."""
 
 

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
+from .errors import ArenaflowError
 from .metrics import ROWS_KAGGLE_TEST
-from .recipe import RecipeError, load_recipe
+from .recipe import load_recipe, show
 
 DEFAULT_RECIPE = "experiments/cpu-smollm2.yaml"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, help="YAML recipe under experiments/")
+    _overrides(parser)
+
+
+def _overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override recipe keys (repeatable; space-separated pairs also accepted)")
 
@@ -52,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="submission.csv", help="submission CSV to write")
     p.add_argument("--model", default="", help="default: models:/<registry.model_name>@<registry.alias>")
 
+    p = verbs.add_parser("recipe", help="recipe tools (no MLflow run)")
+    actions = p.add_subparsers(dest="action", required=True)
+    p = actions.add_parser("show", help="print the resolved recipe (after --set) as YAML, each key under its meaning")
+    p.add_argument("file", help="YAML recipe, e.g. experiments/cpu-smollm2.yaml")
+    _overrides(p)
+
     p = verbs.add_parser("ui", help="MLflow web UI over the tracking store (127.0.0.1; Ctrl-C stops it)")
     p.add_argument("--tracking-uri", default="", help="default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
     p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (0: a free one)")
@@ -87,34 +99,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ArenaflowError, FileNotFoundError) as err:
+        print(f"arenaflow {args.verb}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.verb == "ui":  # needs no recipe
         from .stages.ui import serve
 
         return serve(args.tracking_uri or None, port=args.port)
-    import importlib
-
-    from .scoring import ScoringError
-    from .bench import BenchError
-    from .data import DataError
-    from .models import ModelError
-    from .plan import PlanError
-    from .prompts import PromptError
-    from .quantize import QuantizeError
-    from .stages.registry import RegistryError
-    from .train import TrainError
-
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        # verb -> stages.<verb>.run, imported here: the stages import mlflow and torch, `--help` should not wait
-        handler = importlib.import_module(f"{__package__}.stages.{args.verb}").run
-        kwargs = {k: v for k, v in vars(args).items() if k not in ("verb", "recipe", "overrides")}
-        if args.verb == "main":
-            kwargs["overrides"] = args.overrides  # handed down to every step
-        handler(recipe, **kwargs)
-    except (RecipeError, DataError, ModelError, PromptError, RegistryError, ScoringError, BenchError, PlanError,
-            QuantizeError, TrainError, FileNotFoundError) as err:
-        print(f"arenaflow {args.verb}: error: {err}", file=sys.stderr)
-        return 2
+    if args.verb == "recipe":  # show
+        print(show(load_recipe(args.file, args.overrides)), end="")
+        return 0
+    recipe = load_recipe(args.recipe, args.overrides)  # a typo fails here, before the slow imports below
+    # verb -> stages.<verb>.run, imported now: the stages import mlflow and torch, `--help` should not wait
+    stage = importlib.import_module(f"{__package__}.stages.{args.verb}")
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("verb", "recipe", "overrides")}
+    if args.verb == "main":
+        kwargs["overrides"] = args.overrides  # handed down to every step
+    stage.run(recipe, **kwargs)
     return 0
 
 

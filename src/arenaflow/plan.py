@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .architectures import ARCHITECTURES, Dims, architecture, dims_from_config
+from .errors import ArenaflowError
 from .hardware import card_name, gpu_count
 from .metrics import ROWS_KAGGLE_TEST, speed_metrics
 from .models import compressed_weights, read_config
@@ -75,7 +76,7 @@ GPUS: dict[str, Gpu] = {
 }
 
 
-class PlanError(ValueError):
+class PlanError(ArenaflowError, ValueError):
     """A plan that cannot be made (unknown GPU/model, more GPUs asked of than there are)."""
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
+from .errors import ArenaflowError
 from .models import label_token_ids
 from .recipe import PromptConfig
 
@@ -22,7 +23,7 @@ EMPTY_TURN = "(empty)"
 _SENTINEL = "\x1eARENAFLOW_CONTENT\x1e"
 
 
-class PromptError(ValueError):
+class PromptError(ArenaflowError, ValueError):
     """The budget cannot hold the fixed parts of the prompt, or the tokenizer has no chat template."""
 
 

@@ -7,7 +7,7 @@
   followed by `QuantizationModifier`; method "rtn" = `QuantizationModifier` alone (round-to-nearest,
   no calibration, fast). Weights are int4 (W4A16) or int8 (W8A16), symmetric, one scale per
   `group_size` input features; the output head (`lm_head` / `score`) stays in full precision.
-* method "autoawq" is refused: see `AUTOAWQ_REFUSAL`.
+* method "autoawq" is refused when the recipe loads: see `recipe.AUTOAWQ_REFUSAL`.
 """
 
 from __future__ import annotations
@@ -20,26 +20,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from arenaflow.errors import ArenaflowError
 from arenaflow.hardware import free_gpu_memory
 from arenaflow.models import publish_dir, save_checkpoint, temp_dir_beside
-from arenaflow.recipe import QuantConfig
+from arenaflow.recipe import MERGE_BASES, MERGE_DTYPES, QUANT_SCHEMES, QuantConfig, check_section
 
-SCHEMES = {"W4A16": 4, "W8A16": 8}  # weight bits; activations stay 16/32-bit
-METHODS = ("awq", "rtn")
-MERGE_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-                "float16": "float16", "fp16": "float16"}
 HEAD_NAMES = ("lm_head", "score", "classifier")  # output heads: never quantized
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-AUTOAWQ_REFUSAL = (
-    "quant.method=autoawq is not supported: AutoAWQ is archived upstream (last tested on "
-    "transformers 4.51), and the checkpoints it writes cannot be reloaded on the current transformers "
-    "without intel_extension_for_pytorch or gptqmodel on CPU. Use quant.method=awq, the same AWQ "
-    "algorithm in llm-compressor, which writes compressed-tensors checkpoints that transformers and "
-    "vLLM load."
-)
 
 
-class QuantizeError(ValueError):
+class QuantizeError(ArenaflowError, ValueError):
     """A merge/quantization request that cannot be carried out (bad scheme, group size, inputs)."""
 
 
@@ -49,7 +39,7 @@ def _torch_dtype(name: str):
     key = MERGE_DTYPES.get(str(name).lower())
     if key is None:
         raise QuantizeError(
-            f"merge dtype {name!r} is not supported; use one of float32, bfloat16, float16 "
+            f"merge dtype {name!r} is not supported; use one of {', '.join(MERGE_DTYPES)} "
             "(an adapter is never merged into 4-bit weights)"
         )
     return getattr(torch, key)
@@ -80,8 +70,8 @@ def merge_adapter(base: Path, adapter: Path, out: Path, dtype: str = "float32", 
     if not (base / "config.json").exists():
         raise QuantizeError(f"{base} has no config.json: not a base checkpoint directory")
     torch_dtype = _torch_dtype(dtype)
-    if base_weights not in ("original", "nf4"):
-        raise QuantizeError(f"merge base weights {base_weights!r}: use original or nf4")
+    if base_weights not in MERGE_BASES:
+        raise QuantizeError(f"merge base weights {base_weights!r}: use one of {', '.join(MERGE_BASES)}")
     peft_config = PeftConfig.from_pretrained(str(adapter))
     task = str(getattr(peft_config, "task_type", "") or "").upper().removeprefix("TASKTYPE.")
     has_tokenizer = any((adapter / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
@@ -189,18 +179,6 @@ def check_group_size(model, group_size: int) -> None:
         )
 
 
-def check_config(config: QuantConfig) -> None:
-    """Refuse an unknown or unsupported method/scheme (autoawq: with the reason) before any work."""
-    method = str(config.method).lower()
-    if method == "autoawq":
-        raise QuantizeError(AUTOAWQ_REFUSAL)
-    if method not in METHODS:
-        raise QuantizeError(f"quant.method={config.method!r} is unknown; use one of {list(METHODS)}")
-    for scheme in (config.scheme, *config.fallback_schemes):
-        if scheme != "none" and scheme not in SCHEMES:
-            raise QuantizeError(f"quant.scheme={scheme!r} is unknown; use one of {[*SCHEMES, 'none']}")
-
-
 def _copy_checkpoint(src: Path, out: Path) -> Path:
     tmp = temp_dir_beside(out)
     shutil.rmtree(tmp)
@@ -241,7 +219,7 @@ def quantize_checkpoint(src: Path, out: Path, config: QuantConfig, calibration: 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     src, out = Path(src), Path(out)
-    check_config(config)
+    check_section(config)  # a config built in code; load_recipe checked the recipe's
     if not (src / "config.json").exists():
         raise QuantizeError(f"{src} has no config.json: not a checkpoint directory")
     if config.scheme == "none":
@@ -262,7 +240,7 @@ def quantize_checkpoint(src: Path, out: Path, config: QuantConfig, calibration: 
     from llmcompressor import oneshot
 
     ignore = _head_names(model)
-    recipe = [_quant_modifier(SCHEMES[config.scheme], config.group_size, ignore)]
+    recipe = [_quant_modifier(QUANT_SCHEMES[config.scheme], config.group_size, ignore)]
     kwargs = {}
     if dataset is not None:
         from llmcompressor.modifiers.transform.awq import AWQModifier

@@ -1,8 +1,11 @@
 """Experiment recipes: YAML files under experiments/ parsed into typed dataclasses.
 
 A recipe has one section per pipeline stage. `load_recipe(path, overrides)` reads the YAML, applies
-`section.key=value` overrides (CLI `--set` / MLproject `-P`), and checks every key and type, so a
-typo fails loudly instead of silently falling back to a default.
+`section.key=value` overrides (CLI `--set` / MLproject `-P`, syntax in overrides.py), and checks every
+key, type and value, so a typo fails loudly before any work instead of silently falling back to a
+default or failing hours later. Each field is declared with `key(default, doc, choices=/within=)`: its
+one-line meaning and allowed values live there and nowhere else (`show` prints them; the stages import
+the allowed sets below).
 """
 
 from __future__ import annotations
@@ -15,151 +18,272 @@ from pathlib import Path
 
 import yaml
 
+from .overrides import Quoted, RecipeError, merge, parse_overrides
 
-class RecipeError(ValueError):
-    """A recipe file or override that does not match the dataclasses below."""
+
+# Allowed values of the closed keys: the one list of each, imported by the modules that act on them.
+TRAIN_HEADS = ("lm", "classifier")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+ADAPTER_DTYPES = ("compute", "float32", "bfloat16")
+AUTOCAST = ("auto", "off", "bfloat16", "float16")
+ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+QUANT_SCHEMES = {"W4A16": 4, "W8A16": 8}  # weight bits; activations stay 16/32-bit
+QUANT_METHODS = ("awq", "rtn")
+MERGE_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                "float16": "float16", "fp16": "float16"}  # name -> torch dtype
+MERGE_BASES = ("original", "nf4")
+CALIBRATION_METHODS = ("none", "temperature", "vector", "shrinkage", "stacker")  # a stored calibrator; simplest first
+ENGINE_BACKENDS = ("vllm", "vllm-classify", "transformers", "transformers-naive")
+ENGINE_DTYPES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16",
+                 "half": "float16"}  # name -> torch dtype; "auto" besides: the checkpoint's own
+EXECUTORS = ("local", "ray")
+DISTRIBUTED_EXECUTORS = ("mp", "ray", "uni", "external_launcher")  # vLLM's DistributedExecutorBackend
+GENERATE_MODES = ("ingest", "respond", "label", "dedup", "filter")
+AUTOAWQ_REFUSAL = (
+    "quant.method=autoawq is not supported: AutoAWQ is archived upstream (last tested on "
+    "transformers 4.51), and the checkpoints it writes cannot be reloaded on the current transformers "
+    "without intel_extension_for_pytorch or gptqmodel on CPU. Use quant.method=awq, the same AWQ "
+    "algorithm in llm-compressor, which writes compressed-tensors checkpoints that transformers and "
+    "vLLM load."
+)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a key takes: from `low` up to `high` (None: unbounded), each end closed unless `*_open`."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+COUNT = Range(1)  # sizes, rows, steps, processes
+NON_NEGATIVE = Range(0)  # seeds, lower bounds that 0 switches off
+POSITIVE = Range(0, low_open=True)
+SHARE = Range(0, 1)
+SHARE_BELOW_ONE = Range(0, 1, high_open=True)
+POSITIVE_SHARE = Range(0, 1, low_open=True)
+
+
+def key(default, doc: str, *, choices=(), within: Range | None = None, refused: dict[str, str] | None = None):
+    """A recipe key: its default, its meaning in one line (`arenaflow recipe show` prints it above the key) and
+    the values it takes, `choices` and/or the range `within` (for a list key: each element; None always passes
+    an Optional key); `refused` values get their reason instead of the allowed ones."""
+    metadata = {"doc": doc, "choices": tuple(choices), "within": within, "refused": refused or {}}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class DataConfig:
-    files: list[str] = field(default_factory=lambda: ["data/mtbench_human_turn1.csv"])
-    valid_fraction: float = 0.2
-    group_column: str | None = None  # None: group by prompt text
-    swap_augment: bool = True
-    max_rows: int | None = None  # user-asked subsample before splitting; None keeps every row
-    seed: int = 42
-    valid_files: list[str] = field(default_factory=list)  # whole files of `files` held out as validation
+    """Labelled input files and their train/valid split."""
+
+    files: list[str] = key(["data/mtbench_human_turn1.csv"], "Labelled input files (Kaggle columns; csv, parquet or "
+                           "jsonl), relative to the project root")
+    valid_fraction: float = key(0.2, "Share of prompt groups held out for validation", within=Range(0, 1, low_open=True, high_open=True))
+    group_column: str | None = key(None, "Column that groups rows for the split; null groups by prompt text "
+                                   "(no prompt on both sides)")
+    swap_augment: bool = key(True, "Add an A/B-swapped copy of every training row (labels swapped), removing position bias")
+    max_rows: int | None = key(None, "Subsample this many rows before splitting (user-asked filter, logged); null keeps all",
+                               within=COUNT)
+    seed: int = key(42, "Seed of the subsample and the split", within=NON_NEGATIVE)
+    valid_files: list[str] = key([], "Whole files of `files` held out as validation (a figure on a source never seen); "
+                                 "[] splits by group")
 
 
 @dataclass
 class ModelConfig:
-    base: str = "gguf:smollm2-135m-instruct"
-    trust_remote_code: bool = False
+    """The base model finetune starts from."""
+
+    base: str = key("gguf:smollm2-135m-instruct", "Base model: gguf:<name>, tiny:llama, random:<arch>, a local "
+                    "checkpoint or a hub id")
+    trust_remote_code: bool = key(False, "Run model code from the hub (only when you ask for it)")
 
 
 @dataclass
 class PromptConfig:
-    max_length: int = 512
-    prompt_share: float = 0.2  # share of the content budget for the prompt; responses split the rest
-    head_share: float = 0.3  # share of a truncated part kept from its head; the rest is its tail
+    """How a row becomes the chat prompt the model answers A, B or tie to (prompts.py)."""
+
+    max_length: int = key(512, "Token budget of the whole chat prompt (template, headers and truncated texts)", within=COUNT)
+    prompt_share: float = key(0.2, "Share of the content budget reserved for the user prompt; responses split the rest",
+                              within=SHARE)
+    head_share: float = key(0.3, "Share of a truncated text kept from its start; the rest comes from its end",
+                            within=SHARE)
 
 
 @dataclass
 class TrainConfig:
-    load_in_4bit: bool = True
-    bnb_4bit_compute_dtype: str = "float32"
-    head: str = "lm"  # "lm": answer-token loss on the LM head; "classifier": 3-way head
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    target_modules: str = "all-linear"
-    epochs: float = 1.0
-    learning_rate: float = 2e-4
-    batch_size: int = 4
-    gradient_accumulation_steps: int = 4
-    # auto: finetune picks checkpointing and the micro-batch on a GPU from the memory plan (plan_stages.py)
-    gradient_checkpointing: bool | typing.Literal["auto"] = False
-    max_train_rows: int | None = None  # None: every training row
-    max_valid_rows: int | None = None  # None: every validation row
-    warmup_ratio: float = 0.05
-    keep_best_epoch: bool = False  # save the adapter of the epoch with the lowest validation log_loss
-    seed: int = 42
-    # Speed levers (train.py; `arenaflow bench --train` times them); each default is the behaviour before them.
-    adapter_dtype: str = "compute"  # LoRA weights: compute (= bnb_4bit_compute_dtype, float16 -> float32), float32, bfloat16
-    upcast_layer_norms: bool = True  # 4-bit: peft's float32 upcast of norms, embeddings and LM head
-    autocast: str = "auto"  # Trainer autocast: auto (bf16 when compute is bfloat16 without 4-bit), off, bfloat16, float16
-    attn_implementation: str | None = None  # sdpa, eager, flex_attention, flash_attention_2/3; None: transformers' default
-    padding_free: bool = False  # each micro-batch packed into one row with position_ids, no pad tokens
-    group_by_length: bool = False  # micro-batches of similar lengths (transformers' LengthGroupedSampler)
-    optim: str = "adamw_torch_fused"  # transformers optimizer name (adamw_torch, adamw_torch_fused, ...)
-    torch_compile: bool = False  # torch.compile the model (the Trainer's torch_compile)
-    use_liger_kernel: bool = False  # Liger's RMSNorm/SwiGLU/RoPE kernels (needs the liger-kernel package)
-    processes: int = 1  # > 1: finetune under `accelerate launch` (DDP, one process per GPU; stages/train_launch.py)
+    """LoRA / QLoRA finetuning on the answer token (train.py)."""
+
+    load_in_4bit: bool = key(True, "QLoRA: load the base in 4-bit NF4 with bitsandbytes (works on CPU, ~9x slower there)")
+    bnb_4bit_compute_dtype: str = key("float32", "Compute dtype of the model's layers (4-bit or not)",
+                                      choices=COMPUTE_DTYPES)
+    head: str = key("lm", "lm: answer-token loss on the LM head; classifier: its three label rows trained as a 3-way head",
+                    choices=TRAIN_HEADS)
+    lora_r: int = key(16, "LoRA rank", within=COUNT)
+    lora_alpha: int = key(32, "LoRA scaling numerator (alpha / r scales the update)", within=POSITIVE)
+    lora_dropout: float = key(0.05, "LoRA dropout", within=SHARE_BELOW_ONE)
+    target_modules: str = key("all-linear", "Layers that get adapters: all-linear or a comma-separated list of module names")
+    epochs: float = key(1.0, "Passes over the training rows", within=POSITIVE)
+    learning_rate: float = key(2e-4, "Peak learning rate (cosine decay after warm-up)", within=POSITIVE)
+    batch_size: int = key(4, "Rows per device step (micro-batch)", within=COUNT)
+    gradient_accumulation_steps: int = key(4, "Steps accumulated per optimizer update (effective batch = batch_size x "
+                                           "this)", within=COUNT)
+    gradient_checkpointing: bool | typing.Literal["auto"] = key(
+        False, "Recompute activations in backward to save memory: true, false or auto (on a GPU the memory plan (plan_stages.py) "
+        "picks it and the micro-batch, keeping the optimizer batch; off on CPU)")
+    max_train_rows: int | None = key(None, "Training rows used (of the swap-augmented split); null: all", within=COUNT)
+    max_valid_rows: int | None = key(None, "Validation rows scored by finetune, quantize and evaluate; null: all",
+                                     within=COUNT)
+    warmup_ratio: float = key(0.05, "Share of steps spent warming the learning rate up", within=SHARE_BELOW_ONE)
+    keep_best_epoch: bool = key(False, "Save the adapter of the epoch with the lowest validation log_loss, not the last")
+    seed: int = key(42, "Seed of row sampling, LoRA init and dropout", within=NON_NEGATIVE)
+    # Speed levers (`arenaflow bench --train` times them); each default is the behaviour before them.
+    adapter_dtype: str = key("compute", "LoRA weights' dtype; compute: bnb_4bit_compute_dtype (float16 -> float32)",
+                             choices=ADAPTER_DTYPES)
+    upcast_layer_norms: bool = key(True, "4-bit: peft's float32 upcast of norms, embeddings and LM head "
+                                   "(false keeps the compute dtype)")
+    autocast: str = key("auto", "Trainer autocast; auto: bf16 for a bfloat16 model without 4-bit", choices=AUTOCAST)
+    attn_implementation: str | None = key(None, "Attention kernel; null: transformers' default", choices=ATTENTION)
+    padding_free: bool = key(False, "Pack each micro-batch into one row with position_ids (no padding; pair with "
+                             "flex/flash attention)")
+    group_by_length: bool = key(False, "Micro-batches of similar lengths (less padding; the row order changes)")
+    optim: str = key("adamw_torch_fused", "Optimizer, a transformers name (adamw_torch_fused, adamw_torch, ...; "
+                     "checked by finetune against transformers)")
+    torch_compile: bool = key(False, "torch.compile the model (compiles during the first steps)")
+    use_liger_kernel: bool = key(False, "Liger's RMSNorm / SwiGLU / RoPE kernels (needs the liger-kernel package)")
+    processes: int = key(1, "Processes under `accelerate launch` (DDP, one per GPU, each on its share of the rows; "
+                         "stages/train_launch.py)", within=COUNT)
 
 
 @dataclass
 class QuantConfig:
-    scheme: str = "W4A16"  # W4A16 (AWQ), W8A16 (AWQ), or "none"
-    method: str = "awq"  # awq (llm-compressor) or rtn; "autoawq" is refused with the reason
-    group_size: int = 64
-    merge_dtype: str = "float32"
-    merge_base: str = "original"  # nf4: merge into the NF4-rounded weights a QLoRA adapter was trained on
-    calibration_rows: int = 64
-    calibration_max_length: int = 512
-    awq_n_grid: int = 20  # AWQ scale-search points per layer; fewer is proportionally faster
-    max_log_loss_delta: float | None = 0.005  # register a quantized checkpoint only within this of the merged one
-    fallback_schemes: list[str] = field(default_factory=list)  # tried in order past the bound; then the merged model
+    """Merge the adapter, quantize the merged checkpoint for vLLM, register a version (quantize.py)."""
+
+    scheme: str = key("W4A16", "Weights: W4A16 (4-bit, AWQ), W8A16 (8-bit) or none (the merged checkpoint as it is)",
+                      choices=(*QUANT_SCHEMES, "none"))
+    method: str = key("awq", "awq: llm-compressor AWQModifier; rtn: round-to-nearest, no calibration",
+                      choices=QUANT_METHODS, refused={"autoawq": AUTOAWQ_REFUSAL})
+    group_size: int = key(64, "Weights sharing one scale; must divide every quantized layer's input width; "
+                          "-1: one per channel", choices=(-1,), within=COUNT)
+    merge_dtype: str = key("float32", "Precision of the base the adapter is merged into (never the 4-bit weights)",
+                           choices=MERGE_DTYPES)
+    merge_base: str = key("original", "Weights the adapter merges into: original (the checkpoint's) or nf4 (the "
+                          "NF4-rounded ones a QLoRA adapter was trained on)", choices=MERGE_BASES)
+    calibration_rows: int = key(64, "Training prompts used to calibrate AWQ", within=COUNT)
+    calibration_max_length: int = key(512, "Token budget of each calibration prompt", within=COUNT)
+    awq_n_grid: int = key(20, "AWQ scale-search points per layer (20 is llm-compressor's; fewer is proportionally "
+                          "faster)", within=COUNT)
+    max_log_loss_delta: float | None = key(0.005, "Register a quantized checkpoint only if its validation log-loss is "
+                                           "at most this above the merged one; null: always")
+    fallback_schemes: list[str] = key([], "Schemes tried in order when one is over the bound; past the last, the merged "
+                                      "checkpoint is registered", choices=(*QUANT_SCHEMES, "none"))
 
 
 @dataclass
 class CalibrationConfig:
-    method: str = "auto"  # auto (every candidate, chosen by cross-fitted figures) or one of calibration.METHODS
-    folds: int = 5  # grouped cross-fitting folds (prompt groups, within sources)
+    """The calibrator fitted on validation rows after quantize, stored with the version (calibration.py)."""
+
+    method: str = key("auto", "auto: every candidate fitted, the one of the lowest worse-of-two cross-fitted "
+                      "log-loss stored; or none, temperature, vector (temperature + class biases), shrinkage "
+                      "(towards the class prior), stacker (logistic regression on log-probs and lengths)",
+                      choices=("auto", *CALIBRATION_METHODS))
+    folds: int = key(5, "Grouped cross-fitting folds (prompt groups, within sources)",
+                     within=Range(2))
 
 
 @dataclass
 class EngineConfig:
-    backend: str = "vllm"  # vllm (logprobs), vllm-classify (pooling), transformers
-    dtype: str = "auto"
-    quantization: str | None = None  # vLLM online quantization of a full-precision checkpoint: "fp8" (W8A8)
-    max_model_len: int | None = None  # None: prompt.max_length + 8
-    tensor_parallel_size: int = 1
-    data_parallel_size: int = 1  # independent engines, one per GPU, each on a shard of the rows
-    pipeline_parallel_size: int = 1  # vLLM pipeline stages: the layers split over GPUs (or nodes, ray backend)
-    distributed_executor_backend: str | None = None  # vLLM's executor for tp x pp > 1: mp, ray; None: vLLM's
-    executor: str = "local"  # local: engines in this process; ray: Ray Data scorer actors (scoring/ray_actors.py)
-    ray_actors: int | None = None  # executor=ray: scorer actors; None: as many as the cluster fits
-    ray_cpus_per_actor: int = 1  # executor=ray: CPU cores (threads) one scorer actor reserves
-    ray_batch_rows: int = 256  # executor=ray: prompts per Ray Data batch (what a restarted actor redoes)
-    gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = True
-    max_num_batched_tokens: int | None = None
-    cpu_kv_cache_gib: float = 1.0
-    swap_tta: bool = False
-    batch_tokens: int = 16384  # transformers backend: tokens per length-sorted batch
-    shard_rows: int = 256  # rows per resumable shard in infer
+    """The scoring engine evaluate, infer and the registered model run (backends.py, scoring.py)."""
+
+    backend: str = key("vllm", "vllm (A/B/tie logprobs), vllm-classify (pooling runner), transformers (reference), "
+                       "transformers-naive", choices=ENGINE_BACKENDS)
+    dtype: str = key("auto", "Weights/activations dtype in the engine; auto: the checkpoint's", choices=("auto", *ENGINE_DTYPES))
+    quantization: str | None = key(None, "vLLM online quantization of a full-precision checkpoint (fp8 = W8A8 on "
+                                   "Hopper); null: none")
+    max_model_len: int | None = key(None, "Longest sequence the engine accepts; null: prompt.max_length + 8", within=COUNT)
+    tensor_parallel_size: int = key(1, "GPUs one engine spans (tensor parallel)", within=COUNT)
+    data_parallel_size: int = key(1, "Independent engines, one per GPU, each scoring a shard of the rows", within=COUNT)
+    pipeline_parallel_size: int = key(1, "vLLM pipeline stages: the layers split over GPUs (over nodes with "
+                                      "distributed_executor_backend ray)", within=COUNT)
+    distributed_executor_backend: str | None = key(None, "vLLM's executor when tensor x pipeline parallel > 1: mp (one "
+                                                   "node) or ray (nodes); null: vLLM's choice",
+                                                   choices=DISTRIBUTED_EXECUTORS)
+    executor: str = key("local", "Where engines run: local (this process) or ray (Ray Data scorer actors on the cluster "
+                        "at RAY_ADDRESS, else a local one; scoring/ray_actors.py)", choices=EXECUTORS)
+    ray_actors: int | None = key(None, "executor ray: scorer actors; null: as many as the cluster fits", within=COUNT)
+    ray_cpus_per_actor: int = key(1, "executor ray: CPU cores (threads) each scorer actor reserves", within=COUNT)
+    ray_batch_rows: int = key(256, "executor ray: prompts per Ray Data batch (what a restarted actor scores again)",
+                              within=COUNT)
+    gpu_memory_utilization: float = key(0.9, "Share of GPU memory vLLM may take (ignored on CPU)", within=POSITIVE_SHARE)
+    enable_prefix_caching: bool = key(True, "Reuse the KV cache of shared prefixes (system prompt, swap-TTA pairs)")
+    enforce_eager: bool = key(True, "Skip torch.compile / CUDA graphs: faster start, slower steady state")
+    max_num_batched_tokens: int | None = key(None, "Tokens per engine step; null lets vLLM choose", within=COUNT)
+    cpu_kv_cache_gib: float = key(1.0, "KV cache size on CPU, GiB", within=POSITIVE)
+    swap_tta: bool = key(False, "Also score the A/B-swapped prompt and average (test-time augmentation)")
+    batch_tokens: int = key(16384, "transformers backend: tokens per length-sorted batch", within=COUNT)
+    shard_rows: int = key(256, "infer: rows per finished shard, so a killed run resumes where it stopped", within=COUNT)
 
 
 @dataclass
 class RegistryConfig:
-    model_name: str = "arenaflow"
-    alias: str = "champion"
+    """Where quantize registers versions and which one infer uses."""
+
+    model_name: str = key("arenaflow", "Registered model name in the MLflow model registry")
+    alias: str = key("champion", "Alias that marks the version infer uses")
 
 
 @dataclass
 class GenerateConfig:
     """LLM-generated training data (the datagen package); `modes` beyond "ingest" switch it on."""
 
-    modes: list[str] = field(default_factory=lambda: ["ingest"])  # ingest, respond, label, dedup, filter
-    prompts_file: str | None = None  # jsonl/csv with a `prompt` column; None: prompts of the ingested rows
-    n_prompts: int | None = 32  # prompts drawn (after filter/dedup) for respond; None: all of them
-    generators: list[str] = field(default_factory=lambda: ["gguf:smollm2-135m-instruct"])  # model references
-    temperatures: list[float] = field(default_factory=lambda: [0.3, 1.0])  # one response per generator x temperature
-    top_p: float = 0.95
-    max_tokens: int = 64  # generated tokens per response (per turn)
-    max_prompt_tokens: int = 384  # chat-rendered prompt budget; longer prompts are skipped (counted)
-    seed: int = 42  # prompt sample, per-request sampling seeds, A/B order of pairs
-    shard_size: int = 16  # prompts (respond) / rows (label) per resumable shard
-    teacher: str = "models:/arenaflow@champion"  # label: model reference scoring the pairs
-    teacher_fallback: str | None = "gguf:smollm2-135m-instruct"  # used when `teacher` is not registered
-    teacher_swap_tta: bool = True  # teacher scores both A/B orders and averages (removes position bias)
-    confidence_threshold: float | None = 0.6  # hard label where max prob >= this; None: soft labels only
-    drop_unconfident: bool = False  # drop teacher-labelled rows below the threshold (counted)
-    dedup_threshold: float = 0.8  # shingle Jaccard at or above which a prompt is a near-duplicate
-    shingle_size: int = 5  # characters per shingle of the normalised prompt
-    min_prompt_chars: int = 8
-    max_prompt_chars: int = 2000
-    min_response_chars: int = 1
-    max_response_chars: int = 4000
-    min_ascii_share: float = 0.9  # share of ASCII among letters (a cheap "is English" check); 0 disables
-    sample_rows: int = 8  # generated rows written to samples.jsonl / samples.html
-    work_dir: str | None = None  # resumable shards; None: <ARENAFLOW_CACHE>/datagen
+    modes: list[str] = key(["ingest"], "Steps of datagen, in this order", choices=GENERATE_MODES)
+    prompts_file: str | None = key(None, "jsonl/csv with a `prompt` column; null: prompts of the ingested rows")
+    n_prompts: int | None = key(32, "Prompts drawn (after filter/dedup) for respond; null: all of them", within=COUNT)
+    generators: list[str] = key(["gguf:smollm2-135m-instruct"], "Model references that write responses")
+    temperatures: list[float] = key([0.3, 1.0], "Sampling temperatures: one response per generator x temperature",
+                                    within=NON_NEGATIVE)
+    top_p: float = key(0.95, "Nucleus sampling share of the generators", within=POSITIVE_SHARE)
+    max_tokens: int = key(64, "Generated tokens per response (per turn)", within=COUNT)
+    max_prompt_tokens: int = key(384, "Chat-rendered prompt budget; longer prompts are skipped (counted)", within=COUNT)
+    seed: int = key(42, "Seed of the prompt sample, per-request sampling and the A/B order of pairs", within=NON_NEGATIVE)
+    shard_size: int = key(16, "Prompts (respond) / rows (label) per resumable shard", within=COUNT)
+    teacher: str = key("models:/arenaflow@champion", "label: model reference scoring the pairs")
+    teacher_fallback: str | None = key("gguf:smollm2-135m-instruct", "Used when `teacher` is not registered; null: none")
+    teacher_swap_tta: bool = key(True, "Teacher scores both A/B orders and averages (removes position bias)")
+    confidence_threshold: float | None = key(0.6, "Hard label where the teacher's max prob >= this; null: soft labels "
+                                             "only", within=SHARE)
+    drop_unconfident: bool = key(False, "Drop teacher-labelled rows below the threshold (counted)")
+    dedup_threshold: float = key(0.8, "Shingle Jaccard at or above which a prompt is a near-duplicate",
+                                 within=POSITIVE_SHARE)
+    shingle_size: int = key(5, "Characters per shingle of the normalised prompt", within=COUNT)
+    min_prompt_chars: int = key(8, "filter: shortest prompt kept", within=NON_NEGATIVE)
+    max_prompt_chars: int = key(2000, "filter: longest prompt kept", within=COUNT)
+    min_response_chars: int = key(1, "filter: shortest response kept", within=NON_NEGATIVE)
+    max_response_chars: int = key(4000, "filter: longest response kept", within=COUNT)
+    min_ascii_share: float = key(0.9, "filter: share of ASCII among letters (a cheap \"is English\" check); 0 disables",
+                                 within=SHARE)
+    sample_rows: int = key(8, "Generated rows written to samples.jsonl / samples.html", within=NON_NEGATIVE)
+    work_dir: str | None = key(None, "Resumable shards; null: <ARENAFLOW_CACHE>/datagen")
 
 
 @dataclass
 class Recipe:
-    name: str = "cpu-smollm2"
+    """An experiment: one section per pipeline stage."""
+
+    name: str = key("cpu-smollm2", "Experiment name in MLflow (one experiment per recipe)")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -172,8 +296,16 @@ class Recipe:
     path: str | None = None  # where it was loaded from (not a recipe key)
 
 
-class Quoted(str):
-    """An override value written in quotes: a literal string, never None and never split on commas."""
+SECTIONS = {tp: name for name, tp in typing.get_type_hints(Recipe).items() if dataclasses.is_dataclass(tp)}
+
+
+def _expected(tp) -> str:
+    """What a value of the annotated type `tp` looks like, for errors: true/false, one of a, b, int, ..."""
+    if tp is bool:
+        return "true/false"
+    if typing.get_origin(tp) is typing.Literal:
+        return f"one of {', '.join(map(str, typing.get_args(tp)))}"
+    return getattr(tp, "__name__", str(tp))
 
 
 def _coerce(value, tp, where: str):
@@ -191,16 +323,17 @@ def _coerce(value, tp, where: str):
                 and value.lower() in ("none", "null", "")):
             return None
         inner = [a for a in args if a is not type(None)]
-        for candidate in inner[:-1]:  # e.g. `bool | Literal["auto"]`: the first type that takes the value
+        if len(inner) == 1:
+            return _coerce(value, inner[0], where)
+        for candidate in inner:  # e.g. `bool | Literal["auto"]`: the first type that takes the value
             try:
                 return _coerce(value, candidate, where)
             except RecipeError:
                 pass
-        return _coerce(value, inner[-1], where)
+        raise RecipeError(f"{where}: expected {' or '.join(map(_expected, inner))}, got {value!r}")
     if origin is typing.Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise RecipeError(f"{where}: expected one of {', '.join(map(str, allowed))}, got {value!r}")
+        if value not in typing.get_args(tp):
+            raise RecipeError(f"{where}: expected {_expected(tp)}, got {value!r}")
         return value
     if origin is list:
         (inner,) = typing.get_args(tp)
@@ -216,7 +349,7 @@ def _coerce(value, tp, where: str):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise RecipeError(f"{where}: expected true/false, got {value!r}")
+        raise RecipeError(f"{where}: expected {_expected(bool)}, got {value!r}")
     if tp in (int, float):
         if isinstance(value, bool):
             raise RecipeError(f"{where}: expected {tp.__name__}, got {value!r}")
@@ -234,158 +367,71 @@ def _coerce(value, tp, where: str):
     raise RecipeError(f"{where}: unsupported type {tp}")
 
 
-def _build(cls, values: dict, where: str):
+def _build(cls, values: dict, source: str, prefix: str = ""):
+    """`cls` from the raw `values` of `source` (a file, or "recipe"), every key typed and checked; `prefix`
+    is the key path of the section being built (`train.`)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.name != "path"}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise RecipeError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+        raise RecipeError(f"{source}: {prefix or 'recipe'}: unknown key(s) {unknown}; known: {sorted(names)}")
     kwargs = {}
     for name, value in values.items():
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
-                raise RecipeError(f"{where}.{name}: expected a mapping, got {value!r}")
-            kwargs[name] = _build(tp, value, f"{where}.{name}")
+                raise RecipeError(f"{source}: {prefix}{name}: expected a mapping, got {value!r}")
+            kwargs[name] = _build(tp, value, source, f"{prefix}{name}.")
         else:
-            kwargs[name] = _coerce(value, tp, f"{where}.{name}")
-    return cls(**kwargs)
+            kwargs[name] = _coerce(value, tp, f"{source}: {prefix}{name}")
+    built = cls(**kwargs)
+    _check_fields(built, f"{source}: {prefix}")
+    return built
 
 
-_QUOTES = "\"'"
+def allowed(f: dataclasses.Field) -> str:
+    """What a checked key takes, e.g. "one of lm, classifier", ">= 1", "-1 or >= 1"; "" when unchecked."""
+    choices = ", ".join(map(str, f.metadata.get("choices", ())))
+    within = f.metadata.get("within")
+    if within:
+        return f"{choices} or {within}" if choices else str(within)
+    return f"one of {choices}" if choices else ""
 
 
-def _quoted(text: str, pos: int, item: str) -> tuple[Quoted, int]:
-    """The quoted string starting at text[pos] and the index after its closing quote."""
-    close = text.find(text[pos], pos + 1)
-    if close < 0:
-        raise RecipeError(f"override {item!r}: unbalanced {text[pos]} quote")
-    return Quoted(text[pos + 1:close]), close + 1
+def _check_fields(config, prefix: str) -> None:
+    for f in dataclasses.fields(config):
+        choices, within = f.metadata.get("choices", ()), f.metadata.get("within")
+        value = getattr(config, f.name)
+        if not (choices or within) or value is None:
+            continue
+        for where, element in ([(f"{f.name}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list)
+                               else [(f.name, value)]):
+            number = isinstance(element, (int, float)) and not isinstance(element, bool)
+            if element in choices or (within is not None and number and element in within):
+                continue
+            if element in f.metadata["refused"]:
+                raise RecipeError(f.metadata["refused"][element])
+            raise RecipeError(f"{prefix}{where}: {element!r} is not {allowed(f)}")
 
 
-def _list(text: str, pos: int, item: str) -> tuple[list[str], int]:
-    """The `[a, "b,c"]` list starting at text[pos] and the index after its `]`."""
-    elements: list[str] = []
-    pos += 1
-    while True:
-        while pos < len(text) and text[pos].isspace():
-            pos += 1
-        if pos == len(text):
-            raise RecipeError(f"override {item!r}: unclosed [")
-        if text[pos] == "]" and not elements:
-            return elements, pos + 1  # []
-        if text[pos] in _QUOTES:
-            element, pos = _quoted(text, pos, item)
-        else:
-            stop = pos
-            while stop < len(text) and text[stop] not in ",]" + _QUOTES + "[":
-                stop += 1
-            element = text[pos:stop].strip()
-            if stop < len(text) and text[stop] in _QUOTES + "[":
-                raise RecipeError(f"override {item!r}: a list element is bare or entirely quoted, "
-                                  "and lists do not nest")
-            if not element:
-                raise RecipeError(f"override {item!r}: empty list element")
-            if any(c.isspace() for c in element):
-                raise RecipeError(f"override {item!r}: list element {element!r} has a space; "
-                                  "quote it or add the missing comma")
-            pos = stop
-        elements.append(element)
-        while pos < len(text) and text[pos].isspace():
-            pos += 1
-        if pos == len(text):
-            raise RecipeError(f"override {item!r}: unclosed [")
-        if text[pos] == "]":
-            return elements, pos + 1
-        if text[pos] != ",":
-            raise RecipeError(f"override {item!r}: expected , or ] after list element {element!r}")
-        pos += 1
-
-
-def parse_overrides(overrides: list[str] | None) -> dict:
-    """`["train.epochs=2 data.files=a.csv,b.csv"]` -> nested dict of raw values, typed later by `_coerce`.
-
-    Each item (one `--set`, or the whole MLproject `overrides` string) holds `section.key=value`
-    overrides separated by whitespace. A value is one of:
-
-    - bare: no whitespace and no quotes (`train.epochs=2`, `data.files=a.csv,b.csv`). It is typed by
-      the field: `none`/`null`/empty is None for an Optional field (still the string "none" for a
-      plain str field such as quant.scheme); a list field splits it on commas.
-    - quoted, the whole value in '...' or "...": the literal string inside, which may hold spaces,
-      commas and the other quote (`generate.prompts_file="my prompts.jsonl"`,
-      `data.group_column="none"`). It is never None and never split: a list field gets it as its
-      one element (a bool or number field converts it as it would the bare text). No escapes.
-    - a list, `[a.csv, "b,c.csv"]`: comma-separated elements, each bare (no spaces inside; those
-      around it are dropped) or quoted as above; `[]` is empty; lists do not nest.
-
-    Anything else is refused with a RecipeError naming the override: a missing `=`, an unbalanced
-    quote or `[`, text glued to a closing quote or `]`, or a quote inside a bare value.
-    """
-    nested: dict = {}
-    for text in overrides or []:
-        pos = 0
-        while True:
-            while pos < len(text) and text[pos].isspace():
-                pos += 1
-            if pos == len(text):
-                break
-            start = pos
-            while pos < len(text) and not text[pos].isspace() and text[pos] != "=":
-                pos += 1
-            key, item = text[start:pos], text[start:]  # item: from this override on, for errors
-            if pos == len(text) or text[pos] != "=" or not all(key.split(".")):
-                raise RecipeError(f"override {item.split()[0]!r}: expected section.key=value "
-                                  "(quote a value with spaces: key=\"a b\")")
-            pos += 1
-            if pos < len(text) and text[pos] in _QUOTES:
-                value, pos = _quoted(text, pos, item)
-            elif pos < len(text) and text[pos] == "[":
-                value, pos = _list(text, pos, item)
-            else:
-                stop = pos
-                while stop < len(text) and not text[stop].isspace():
-                    stop += 1
-                value, pos = text[pos:stop], stop
-                if any(q in value for q in _QUOTES):
-                    raise RecipeError(f"override {item.split()[0]!r}: quote the whole value or none of it")
-            if pos < len(text) and not text[pos].isspace():
-                raise RecipeError(f"override {item!r}: unexpected {text[pos]!r} after the value "
-                                  f"of {key}")
-            *sections, leaf = key.split(".")
-            node = nested
-            for section in sections:
-                node = node.setdefault(section, {})
-                if not isinstance(node, dict):
-                    raise RecipeError(f"override {key}: {section} was set to a value, not a section")
-            if isinstance(node.get(leaf), dict):
-                raise RecipeError(f"override {key}: {leaf} is a section; set section.key=value")
-            node[leaf] = value
-    return nested
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+def check_section(config) -> None:
+    """RecipeError for a value outside its key's choices or range, naming `section.key`, the value and what the
+    key takes. load_recipe checks every section; a stage calls this on a config built or changed in code."""
+    _check_fields(config, f"{SECTIONS[type(config)]}.")
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
     """Load a YAML recipe (or the built-in defaults when `path` is None) and apply overrides."""
     raw: dict = {}
-    where = "recipe"
+    source = str(path) if path else "recipe"
     if path:
-        where = str(path)
         try:
             raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise RecipeError(f"recipe file not found: {path}") from None
         if not isinstance(raw, dict):
             raise RecipeError(f"{path}: a recipe is a mapping of sections")
-    recipe = _build(Recipe, _merge(raw, parse_overrides(overrides)), where)
+    recipe = _build(Recipe, merge(raw, parse_overrides(overrides)), source)
     recipe.path = str(path) if path else None
     return recipe
 
@@ -402,3 +448,24 @@ def flatten(recipe: Recipe) -> dict[str, object]:
         elif f.name != "path":
             flat[f.name] = value
     return flat
+
+
+def show(recipe: Recipe) -> str:
+    """The recipe as YAML that loads back to it, each section and key under its one-line meaning and what it
+    takes, from the dataclasses above (`arenaflow recipe show`)."""
+    lines = [f"# {recipe.path or 'built-in defaults'}, resolved (after any --set): every key under its meaning (src/arenaflow/recipe.py)"]
+    for f in dataclasses.fields(recipe):
+        value = getattr(recipe, f.name)
+        if dataclasses.is_dataclass(value):
+            lines += ["", f"# {type(value).__doc__.splitlines()[0]}", f"{f.name}:"]
+            lines += [f"  {line}" for sub in dataclasses.fields(value) for line in _commented(sub, getattr(value, sub.name))]
+        elif f.name != "path":
+            lines += _commented(f, value)
+    return "\n".join(lines) + "\n"
+
+
+def _commented(f: dataclasses.Field, value) -> list[str]:
+    takes = allowed(f)
+    entry = yaml.safe_dump({f.name: value}, default_flow_style=None if isinstance(value, list) else False,
+                           sort_keys=False, width=1 << 16)  # a list on one line: [a, b]
+    return [f"# {f.metadata['doc']}" + (f" [{takes}]" if takes else ""), entry.rstrip("\n")]

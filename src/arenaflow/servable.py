@@ -30,6 +30,7 @@ from mlflow.types.schema import AnyType
 
 from .calibration import Calibrator
 from .data import DataError, canonicalize
+from .errors import ArenaflowError
 from .models import LABEL_WORDS
 from .recipe import EngineConfig, ModelConfig, PromptConfig, Recipe
 from .scoring import open_scorer, predict
@@ -42,7 +43,7 @@ REQUIREMENTS = ("torch", "transformers", "mlflow", "pandas", "numpy", "scikit-le
                 "compressed-tensors", "pyyaml")  # pinned at their installed versions when a version is logged
 
 
-class RequestError(MlflowException):
+class RequestError(ArenaflowError, MlflowException):
     """A request the model cannot score: the serving layer answers it with HTTP 400."""
 
     def __init__(self, message: str):

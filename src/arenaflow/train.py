@@ -45,17 +45,12 @@ import numpy as np
 import pandas as pd
 
 from .data import SOFT_COLUMNS, subsample
-from .recipe import PromptConfig, TrainConfig
+from .recipe import PromptConfig, TrainConfig, check_section
 from .train_log import TrainError, make_log_callback, make_validator
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-HEADS = ("lm", "classifier")
-DTYPES = ("float32", "bfloat16", "float16")
-ADAPTER_DTYPES = ("compute", "float32", "bfloat16")
-AUTOCAST = ("auto", "off", "bfloat16", "float16")
-ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 PACKED_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # padding-free
 
 
@@ -114,10 +109,9 @@ def three_way_loss(label_logits, targets):
 
 
 def _dtype(name: str):
+    """The torch dtype of a checked dtype key (recipe.COMPUTE_DTYPES / ADAPTER_DTYPES)."""
     import torch
 
-    if name not in DTYPES:
-        raise TrainError(f"train.bnb_4bit_compute_dtype must be one of {DTYPES}, got {name!r}")
     return getattr(torch, name)
 
 
@@ -132,22 +126,12 @@ def _target_modules(spec: str):
 
 
 def check_config(cfg: TrainConfig) -> None:
+    """Refuse, before any weights load, what cannot train here: a value outside its key's set or range
+    (recipe.check_section, for a config changed in code), and what depends on this machine or transformers."""
     import torch
 
-    if cfg.head not in HEADS:
-        raise TrainError(f"train.head must be one of {HEADS}, got {cfg.head!r}")
-    _dtype(cfg.bnb_4bit_compute_dtype)
+    check_section(cfg)
     _target_modules(cfg.target_modules)
-    if cfg.gradient_checkpointing not in (True, False, "auto"):
-        raise TrainError(f"train.gradient_checkpointing must be true, false or auto, got {cfg.gradient_checkpointing!r}")
-    if cfg.epochs <= 0 or min(cfg.batch_size, cfg.gradient_accumulation_steps, cfg.lora_r, cfg.processes) < 1:
-        raise TrainError("train.epochs, batch_size, gradient_accumulation_steps, lora_r and processes must be positive")
-    if not 0 <= cfg.warmup_ratio < 1:
-        raise TrainError(f"train.warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
-    for key, value, allowed in (("adapter_dtype", cfg.adapter_dtype, ADAPTER_DTYPES), ("autocast", cfg.autocast, AUTOCAST),
-                                ("attn_implementation", cfg.attn_implementation, (None, *ATTENTION))):
-        if value not in allowed:
-            raise TrainError(f"train.{key} must be one of {allowed}, got {value!r}")
     if cfg.attn_implementation == "flex_attention" and not torch.cuda.is_available():
         raise TrainError("train.attn_implementation=flex_attention has no backward on CPU (torch); use sdpa here")
     if cfg.autocast == "float16" and adapter_dtype(cfg) != "float32":

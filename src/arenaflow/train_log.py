@@ -14,10 +14,12 @@ import numpy as np
 from .scoring import label_probabilities
 from .metrics import preference_metrics
 
+from .errors import ArenaflowError
+
 logger = logging.getLogger("arenaflow.train")  # the same logger as train.py
 
 
-class TrainError(ValueError):
+class TrainError(ArenaflowError, ValueError):
     """A training configuration or training table that cannot be used."""
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 from ..data import DataError
 
-MODES = ("ingest", "respond", "label", "dedup", "filter")
 GENERATED_SOURCE = "generated"
 
 

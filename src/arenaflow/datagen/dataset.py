@@ -16,8 +16,8 @@ import pandas as pd
 from .. import data as data_mod
 from ..data import CANONICAL, SOFT_COLUMNS, TEXT_COLUMNS
 from ..models import ModelRef, local_model_ref
-from ..recipe import Recipe
-from . import MODES, DatagenError
+from ..recipe import GenerateConfig, Recipe, check_section
+from . import DatagenError
 from .clean import FilterBounds, dedup_rows, filter_rows, row_text
 from .engines import Engines
 from .label import Teacher, apply_teacher, label_with_teacher, teacher_from, unlabelled
@@ -35,10 +35,10 @@ class GeneratedDataset:
     files: list[str] = field(default_factory=list)
 
 
-def check_modes(modes: Sequence[str]) -> set[str]:
-    unknown = sorted(set(modes) - set(MODES))
-    if unknown:
-        raise DatagenError(f"generate.modes: unknown mode(s) {unknown}; known: {list(MODES)}")
+def check_modes(generate: GenerateConfig) -> set[str]:
+    """The modes to run; RecipeError for an unknown one (a section built in code), DatagenError for none."""
+    check_section(generate)
+    modes = generate.modes
     if not modes:
         raise DatagenError("generate.modes is empty; e.g. [ingest] or [ingest, respond, label, dedup, filter]")
     return set(modes)
@@ -67,7 +67,7 @@ def build_dataset(recipe: Recipe, files: Sequence[str | Path] | None = None, *,
     resolves `generate.teacher` for label and `resolve(reference)` the generators of respond (the stage's read
     the registry; without teacher_of the teacher is `generate.teacher` through `resolve`). No MLflow here."""
     g, d = recipe.generate, recipe.data
-    modes = check_modes(g.modes)
+    modes = check_modes(g)
     files = [str(f) for f in (files or d.files)]
     counts: dict[str, float] = {}
     speed: dict[str, float] = {}

@@ -32,14 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ArenaflowError
 from ..models import LABEL_WORDS, read_config
-from ..recipe import EngineConfig
+from ..recipe import ENGINE_DTYPES, EngineConfig
 
-BACKENDS = ("vllm", "vllm-classify", "transformers", "transformers-naive")
 NAIVE_BATCH_SIZE = 8
 
 
-class ScoringError(ValueError):
+class ScoringError(ArenaflowError, ValueError):
     """A prompt, engine setting or checkpoint that the scorer cannot work with."""
 
 
@@ -276,11 +276,6 @@ class VllmEngine:
 
 
 
-_TORCH_DTYPES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16",
-                 "half": "float16"}
-
-
-
 class TransformersEngine:
     """Reference scorer: one forward per batch, logits at the last prompt position only."""
 
@@ -292,9 +287,7 @@ class TransformersEngine:
         if engine.quantization:
             raise ScoringError(f"engine.quantization={engine.quantization!r} is a vLLM option; the transformers "
                                "backends score the checkpoint as it is")
-        if engine.dtype != "auto" and engine.dtype not in _TORCH_DTYPES:
-            raise ScoringError(f"engine.dtype={engine.dtype!r}: expected auto or one of {sorted(_TORCH_DTYPES)}")
-        dtype = "auto" if engine.dtype == "auto" else getattr(torch, _TORCH_DTYPES[engine.dtype])
+        dtype = "auto" if engine.dtype == "auto" else getattr(torch, ENGINE_DTYPES[engine.dtype])
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = AutoModelForCausalLM.from_pretrained(
             checkpoint, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()

@@ -82,8 +82,6 @@ def actor_plan(engine: EngineConfig, cluster: dict) -> tuple[int, dict]:
     `distributed_executor_backend: ray`, places its workers itself: the actor then holds no GPU). Without:
     one actor per `engine.ray_cpus_per_actor` CPUs. `engine.ray_actors` asks for fewer."""
     cpus = engine.ray_cpus_per_actor
-    if cpus < 1:
-        raise ScoringError(f"engine.ray_cpus_per_actor={cpus}: must be >= 1")
     group = engine.tensor_parallel_size * engine.pipeline_parallel_size
     gpus = float(cluster.get("GPU", 0))
     if gpus > 0:
@@ -129,8 +127,6 @@ class RayScorer:
     the actors start with it (model load) and stop after it."""
 
     def __init__(self, make_scorer: Callable, engine: EngineConfig, checkpoint: str, max_model_len: int | None):
-        if engine.ray_batch_rows < 1:
-            raise ScoringError(f"engine.ray_batch_rows={engine.ray_batch_rows}: must be >= 1")
         self.ray = connect()
         self.actors, self.resources = actor_plan(engine, self.ray.cluster_resources())
         self.make_scorer, self.checkpoint = make_scorer, checkpoint

@@ -18,12 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from ..models import label_token_ids, load_tokenizer, read_config
-from ..recipe import EngineConfig, Recipe
-from .engines import BACKENDS, ScoringError, TransformersEngine, VllmEngine, vllm_cannot_run
+from ..recipe import EngineConfig, Recipe, check_section
+from .engines import ScoringError, TransformersEngine, VllmEngine, vllm_cannot_run
 from .parallel import DataParallel, cuda_device_groups
-
-EXECUTORS = ("local", "ray")
-
 
 @dataclass
 class ScoreResult:
@@ -93,12 +90,7 @@ class Scorer:
 
     def __init__(self, checkpoint: str | Path, engine: EngineConfig, *, max_model_len: int | None = None,
                  trust_remote_code: bool = False):
-        if engine.backend not in BACKENDS:
-            raise ScoringError(f"engine.backend={engine.backend!r}; known: {list(BACKENDS)}")
-        if min(engine.data_parallel_size, engine.tensor_parallel_size, engine.pipeline_parallel_size) < 1:
-            raise ScoringError("data_parallel_size, tensor_parallel_size and pipeline_parallel_size must be >= 1")
-        if engine.executor not in EXECUTORS:
-            raise ScoringError(f"engine.executor={engine.executor!r}; known: {list(EXECUTORS)}")
+        check_section(engine)  # an engine built in code (bench specs, tests); load_recipe checked the recipe's
         if engine.executor == "ray" and engine.data_parallel_size > 1:
             raise ScoringError("engine.executor=ray runs one engine per Ray actor (engine.ray_actors); "
                                "set data_parallel_size=1")

@@ -14,7 +14,6 @@ from ..data import subsample
 from ..metrics import preference_metrics, speed_metrics
 from ..models import load_tokenizer
 from ..prompts import PromptBuilder
-from ..quantize import check_config as check_quant_config
 from ..quantize import checkpoint_size_bytes, merge_adapter, quantize_within_bound
 from ..recipe import Recipe
 from ..scoring import score_rows
@@ -29,7 +28,6 @@ def run(recipe: Recipe, adapter: str, data: str = "") -> str:
     log-loss bound (else a fallback scheme, else the merged checkpoint), fit the calibrator on the valid
     rows (its figure cross-fitted), register the result as a new version (an MLflow Model whose metrics
     are those figures on the valid dataset). Returns the version."""
-    check_quant_config(recipe.quant)  # before merging, not after
     check_method(recipe.calibration.method)
     base = training_base(recipe)
     train, valid = load_split(data, recipe)

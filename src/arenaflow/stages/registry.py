@@ -25,6 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from ..calibration import Calibrator
+from ..errors import ArenaflowError
 from ..models import ModelRef, dense_checkpoint, resolve_model
 from ..recipe import Recipe
 
@@ -32,7 +33,7 @@ PROMOTION_TAG = "promotion"
 MAKE_ONE_HINT = "run `mlflow run . -e main --env-manager local` (or evaluate + promote) to make one"
 
 
-class RegistryError(ValueError):
+class RegistryError(ArenaflowError, ValueError):
     """A registry operation that cannot be done as asked (missing alias, version, run, figures...)."""
 
 

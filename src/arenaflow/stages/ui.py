@@ -26,10 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from .errors import ArenaflowError
+
 LOCAL_HOST = "127.0.0.1"
 
 
-class ServerError(RuntimeError):
+class ServerError(ArenaflowError, RuntimeError):
     """`mlflow server` exited early or did not answer in time."""
 
 
