@@ -220,7 +220,7 @@ def test_distill_datagen_labels_with_a_w8a16_champion(tiny_vllm, tiny_checkpoint
     import mlflow
     from mlflow import MlflowClient
 
-    from arenaflow import registry
+    from arenaflow.stages import registry
     from arenaflow.quantize import quantize_checkpoint
     from arenaflow.recipe import QuantConfig, load_recipe
     from arenaflow.stages.runs import stage_run
@@ -248,14 +248,15 @@ def test_datagen_cli_generates_for_the_prompts_of_prompts_file(tiny_vllm, tiny_c
                                                                store, monkeypatch):
     import mlflow
 
-    from arenaflow import cli, pipeline
+    from arenaflow import cli
+    from arenaflow.stages import datagen as datagen_door
 
     prompts = [[f"Name {n} things that are {colour}."] for n, colour in zip(range(2, 7), ("red", "blue", "green",
                                                                                           "round", "loud"))]
     prompts_file = tmp_path / "prompts.jsonl"
     prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    real = pipeline.generate_dataset
-    monkeypatch.setattr(pipeline, "generate_dataset",  # the session's engine, not a new one
+    real = datagen_door.generate_dataset
+    monkeypatch.setattr(datagen_door, "generate_dataset",  # the session's engine, not a new one
                         lambda recipe, files: real(recipe, files, engines={tiny_checkpoint: tiny_vllm}, progress=False))
     recipe = Path(__file__).resolve().parents[1] / "experiments" / "cpu-smollm2-distill.yaml"
     overrides = [f"data.files={small_data}", "data.valid_fraction=0.25", "generate.generators=tiny:llama",

@@ -45,7 +45,7 @@ def populate_store(tmp_path: Path) -> Store:
     versions, each evaluated on the same validation rows, then promoted in turn."""
     from mlflow import MlflowClient
 
-    from arenaflow import registry
+    from arenaflow.stages import registry
     from arenaflow.data import load_rows
     from arenaflow.models import build_tiny_llama
     from arenaflow.stages import evaluate, promote
@@ -65,8 +65,8 @@ def populate_store(tmp_path: Path) -> Store:
                 versions.append(str(registry.register_model(
                     checkpoint, name, recipe, load_rows(OVERRIDES_FILES[1]).head(3), tags={"quantization": "none"},
                     description=f"tiny random Llama, seed {seed}").version))
-            evaluate(recipe, model=f"models:/{name}/{versions[-1]}")
-            promote(recipe, version=versions[-1])
+            evaluate.run(recipe, model=f"models:/{name}/{versions[-1]}")
+            promote.run(recipe, version=versions[-1])
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         experiment_id = client.get_experiment_by_name(recipe.name).experiment_id
         runs = client.search_runs([experiment_id], filter_string="tags.stage = 'evaluate'")
