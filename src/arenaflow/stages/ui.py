@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .errors import ArenaflowError
+from ..errors import ArenaflowError
 
 LOCAL_HOST = "127.0.0.1"
 
