@@ -9,10 +9,9 @@ import pytest
 from conftest import RECIPE
 from sklearn.metrics import log_loss
 
-from arenaflow.stages import quantize
 from arenaflow.calibration import (CalibrationError, Calibrator, cross_fit, fit, grouped_folds, select,
                                    source_folds)
-from arenaflow.recipe import load_recipe
+from arenaflow.recipe import RecipeError, load_recipe
 
 
 def synthetic(n: int = 1200, sharpen: float = 1.0, seed: int = 0, sources: int = 2, length_signal: float = 0.0,
@@ -146,8 +145,8 @@ def test_bad_methods_are_refused():
         select("platt", probs, labels, rows)
     with pytest.raises(CalibrationError, match="known"):
         Calibrator.from_dict({"method": "auto"})  # a stored calibrator is a chosen one
-    with pytest.raises(CalibrationError, match="calibration.method='platt'"):  # before any model work
-        quantize.run(load_recipe(RECIPE, ["calibration.method=platt"]), adapter="runs:/none/adapter")
+    with pytest.raises(RecipeError, match="calibration.method: 'platt' is not one of auto"):  # before any work
+        load_recipe(RECIPE, ["calibration.method=platt"])
     stacker = fit("stacker", probs, labels, rows, probs_swapped=probs)
     with pytest.raises(CalibrationError, match="swap_tta"):
         stacker.apply(probs, rows)

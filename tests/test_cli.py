@@ -82,4 +82,4 @@ def test_the_console_script_prints_one_line_and_exits_2():
                            "--set", "calibration.method=vectr"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == ("arenaflow plan: error: " + RECIPE + ": calibration.method: 'vectr' is not one of "
-                           "auto, none, temperature, vector, stacker\n")
+                           "auto, none, temperature, vector, shrinkage, stacker\n")

@@ -129,7 +129,7 @@ def test_recipe_show_loads_back_to_the_same_recipe(path, tmp_path, capsys):
     keys = [n for n, line in enumerate(lines) if re.match(r"^\s*[a-z_0-9]+: ", line)]
     assert len(keys) == len(flatten(expected))  # every key, sections aside
     assert all(lines[n - 1].lstrip().startswith("# ") for n in keys)
-    assert "  # Cross-fitting folds when validation rows come from one source (else one fold per source) [>= 2]\n  folds: 5\n" in shown
+    assert "  # Grouped cross-fitting folds (prompt groups, within sources) [>= 2]\n  folds: 5\n" in shown
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
