@@ -73,7 +73,8 @@ def calibrated(champion, tiny_checkpoint):
     return str(version.version), calibrator
 
 
-def test_a_version_with_a_calibrator_is_calibrated_by_evaluate_infer_and_pyfunc(champion, calibrated, tmp_path):
+def test_a_version_with_a_calibrator_is_calibrated_by_evaluate_infer_and_pyfunc(champion, calibrated, tmp_path,
+                                                                                   tiny_checkpoint):
     version, calibrator = calibrated
     recipe, uri = load_recipe(RECIPE, TINY), f"models:/arenaflow/{version}"
     labelled = pd.read_csv(PANDALM).head(12)
@@ -84,7 +85,8 @@ def test_a_version_with_a_calibrator_is_calibrated_by_evaluate_infer_and_pyfunc(
     assert figures["log_loss_uncalibrated"] == pytest.approx(plain["log_loss_uncalibrated"], abs=1e-9)
     assert figures["log_loss"] != pytest.approx(plain["log_loss"], abs=1e-3)
 
-    raw = pd.read_csv(infer.run(recipe, str(tmp_path / "labelled.csv"), str(tmp_path / "raw.csv")))
+    raw = pd.read_csv(infer.run(recipe, str(tmp_path / "labelled.csv"), str(tmp_path / "raw.csv"),
+                                model=str(tiny_checkpoint)))  # the version's checkpoint, no calibrator
     expected = calibrator.apply(raw[PROBS].to_numpy())
     assert np.abs(expected - raw[PROBS].to_numpy()).max() > 0.01  # the calibrator moves these rows
     from sklearn.metrics import log_loss

@@ -18,7 +18,7 @@ from .runs import stage_run
 
 def project_root() -> Path:
     here = Path.cwd()
-    return here if (here / "MLproject").exists() else Path(__file__).resolve().parents[2]
+    return here if (here / "MLproject").exists() else Path(__file__).resolve().parents[3]  # src/arenaflow/stages/main.py
 
 
 STEP_KEY_TAG, STEP_INPUTS_TAG = "arenaflow.step_key", "arenaflow.step_inputs"
