@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 
 import mlflow
 from mlflow import MlflowClient
@@ -26,7 +28,9 @@ def _main(overrides, capsys) -> tuple[str, dict]:
     return out, parent.data.tags
 
 
-def test_main_reuses_unchanged_steps_and_reruns_from_an_edited_key(store, capsys):
+def test_main_reuses_unchanged_steps_and_reruns_from_an_edited_key(store, capsys, monkeypatch):
+    # each step runs `arenaflow <verb>` (MLproject) in a shell: this interpreter's venv first, as activated
+    monkeypatch.setenv("PATH", f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
     out, _ = _main(TINY, capsys)
     assert all(f"main: running {s} (no finished run" in out for s in STEPS), out
 
