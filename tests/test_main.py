@@ -44,7 +44,7 @@ def test_main_reuses_unchanged_steps_and_reruns_from_an_edited_key(store, capsys
     assert "main: running quantize (changed since run" in out and "recipe.quant" in tags["step_quantize"]
     for later in ("evaluate", "promote", "infer"):  # downstream of the new version
         assert f"main: running {later} (changed since run" in out and "step:" in tags[f"step_{later}"], out
-    runs = MlflowClient().search_runs([mlflow.get_experiment_by_name("Default").experiment_id],
+    runs = MlflowClient().search_runs([mlflow.get_experiment_by_name("cpu-smollm2").experiment_id],
                                       "tags.`mlflow.project.entryPoint` = 'quantize'")
     assert len(runs) == 2
 
