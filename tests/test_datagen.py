@@ -198,19 +198,23 @@ def test_resume_does_not_duplicate_rows(tiny_vllm, tiny_checkpoint, small_data, 
 
     monkeypatch.setattr(respond, "respond", killed_after_one_shard)
     with pytest.raises(KeyboardInterrupt):
-        stage.build_dataset(recipe, engines=engines, progress=False)
+        stage.build_dataset(recipe, engines=engines, progress=False,
+                               teacher_of=datagen_stage.resolve_teacher)
     monkeypatch.setattr(respond, "respond", real_respond)
 
-    resumed = stage.build_dataset(recipe, engines=engines, progress=False)
+    resumed = stage.build_dataset(recipe, engines=engines, progress=False,
+                               teacher_of=datagen_stage.resolve_teacher)
     c = resumed.counts
     # shard 0 of the first variant (2 prompts) was saved before the kill; the other 3 shards run now
     assert (c["responses_resumed"], c["responses_generated"], c["pairs_skipped_too_long"]) == (2, 6, 0)
     assert resumed.generated["id"].is_unique and resumed.train["id"].value_counts().max() == 2  # itself + its swap
-    again = stage.build_dataset(recipe, engines=engines, progress=False)  # everything from the shards now
+    again = stage.build_dataset(recipe, engines=engines, progress=False,
+                               teacher_of=datagen_stage.resolve_teacher)  # everything from the shards now
     assert again.counts["responses_generated"] == 0 and again.counts["rows_label_resumed"] == c["rows_to_label"]
     pd.testing.assert_frame_equal(again.train, resumed.train)
     changed = stage.build_dataset(tiny_recipe(small_data, tmp_path / "work", modes=["ingest", "respond", "label"],
-                                           temperatures=[0.7, 0.9], max_prompt_tokens=1000), engines=engines, progress=False)
+                                           temperatures=[0.7, 0.9], max_prompt_tokens=1000), engines=engines, progress=False,
+                               teacher_of=datagen_stage.resolve_teacher)
     assert (changed.counts["responses_resumed"], changed.counts["responses_generated"]) == (4, 4)  # t0.7 reused
 
 
@@ -236,7 +240,7 @@ def test_distill_datagen_labels_with_a_w8a16_champion(tiny_vllm, tiny_checkpoint
         example = read_prepared(small_data).head(2)
         version = str(registry.register_model(w8, "arenaflow", recipe, example, tags={"quantization": "W8A16"}).version)
     MlflowClient().set_registered_model_alias("arenaflow", "champion", version)
-    with mlflow.start_run() as run:
+    with stage_run(recipe, "datagen") as run:  # the stage's run: it tags the engine fallback
         ds = datagen_stage.generate_dataset(recipe, engines={tiny_checkpoint: tiny_vllm}, progress=False)
     assert ds.teacher.version == version and ds.teacher.fallback_reason is None
     assert "8]-bit weights" in mlflow.get_run(run.info.run_id).data.tags["engine_fallback"]
