@@ -188,6 +188,7 @@ def test_resume_does_not_duplicate_rows(tiny_vllm, tiny_checkpoint, small_data, 
     recipe = tiny_recipe(small_data, tmp_path / "work", modes=["ingest", "respond", "label"], temperatures=[0.7, 1.3],
                          max_prompt_tokens=1000)
     engines = {tiny_checkpoint: tiny_vllm}
+    stage_settings = {"engines": engines, "progress": False, "teacher_of": datagen_stage.resolve_teacher}
     real_respond, calls = respond.respond, []
 
     def killed_after_one_shard(*args, **kwargs):
@@ -198,23 +199,19 @@ def test_resume_does_not_duplicate_rows(tiny_vllm, tiny_checkpoint, small_data, 
 
     monkeypatch.setattr(respond, "respond", killed_after_one_shard)
     with pytest.raises(KeyboardInterrupt):
-        stage.build_dataset(recipe, engines=engines, progress=False,
-                               teacher_of=datagen_stage.resolve_teacher)
+        stage.build_dataset(recipe, **stage_settings)
     monkeypatch.setattr(respond, "respond", real_respond)
 
-    resumed = stage.build_dataset(recipe, engines=engines, progress=False,
-                               teacher_of=datagen_stage.resolve_teacher)
+    resumed = stage.build_dataset(recipe, **stage_settings)
     c = resumed.counts
     # shard 0 of the first variant (2 prompts) was saved before the kill; the other 3 shards run now
     assert (c["responses_resumed"], c["responses_generated"], c["pairs_skipped_too_long"]) == (2, 6, 0)
     assert resumed.generated["id"].is_unique and resumed.train["id"].value_counts().max() == 2  # itself + its swap
-    again = stage.build_dataset(recipe, engines=engines, progress=False,
-                               teacher_of=datagen_stage.resolve_teacher)  # everything from the shards now
+    again = stage.build_dataset(recipe, **stage_settings)  # everything from the shards now
     assert again.counts["responses_generated"] == 0 and again.counts["rows_label_resumed"] == c["rows_to_label"]
     pd.testing.assert_frame_equal(again.train, resumed.train)
     changed = stage.build_dataset(tiny_recipe(small_data, tmp_path / "work", modes=["ingest", "respond", "label"],
-                                           temperatures=[0.7, 0.9], max_prompt_tokens=1000), engines=engines, progress=False,
-                               teacher_of=datagen_stage.resolve_teacher)
+                                           temperatures=[0.7, 0.9], max_prompt_tokens=1000), **stage_settings)
     assert (changed.counts["responses_resumed"], changed.counts["responses_generated"]) == (4, 4)  # t0.7 reused
 
 
