@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import subprocess
 from pathlib import Path
 
 from .recipe import Recipe
+from .shards import digest
 
 # The recipe sections each stage reads. `name` is left out on purpose: it names, it changes no work.
 STAGE_SECTIONS = {
@@ -30,20 +30,13 @@ STAGE_SECTIONS = {
 GENERATING_SECTIONS = ("model", "prompt", "engine")
 
 
-def digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def file_digest(path: Path) -> str:
     """sha256 of a file's bytes ('missing' for a file that is not there: the step will say so itself)."""
     path = Path(path)
     if not path.is_file():
         return "missing"
-    sha = hashlib.sha256()
     with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            sha.update(chunk)
-    return sha.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def code_version(root: Path | None = None) -> str:
